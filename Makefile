@@ -1,0 +1,45 @@
+# kiln: `make demo` runs the whole lifecycle on a local Ray; `make test` runs every test.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.kiln-installed
+KILN := $(BIN)/kiln
+DEMO_DATA ?= data/digits
+
+.PHONY: install demo test test-fast lint format bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(KILN) data example digits $(DEMO_DATA) --overwrite
+	$(KILN) validate jobs/configs/digits-mlp.yaml
+	$(KILN) train jobs/configs/digits-mlp.yaml
+	$(KILN) models promote digits-mlp@latest production
+	$(KILN) models list digits-mlp
+
+lint: install
+	$(BIN)/ruff check platform tests jobs benchmarks
+	$(BIN)/ruff format --check platform tests jobs benchmarks
+	$(BIN)/mypy platform/kiln
+
+format: install
+	$(BIN)/ruff check --fix platform tests jobs benchmarks
+	$(BIN)/ruff format platform tests jobs benchmarks
+
+test: lint
+	$(BIN)/pytest tests -q
+
+test-fast: install
+	$(BIN)/pytest tests -q -m "not slow and not e2e"
+
+bench: install
+	$(BIN)/python benchmarks/train.py
+
+clean:
+	rm -rf .kiln data/digits .pytest_cache .mypy_cache .ruff_cache

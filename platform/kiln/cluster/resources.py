@@ -1,0 +1,87 @@
+"""Connect to (or start) Ray, and plan CPUs/GPUs so Ray Data never starves beside training.
+
+On a small machine the failure mode is a silent hang: two training workers take every CPU and
+Ray Data's read tasks wait forever. The plan reserves `train.data_cpus` for Ray Data and sizes
+the workers from what is left, or refuses with the numbers when it cannot fit.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+from kiln.config.spec import TrainSpec
+from kiln.errors import KilnError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ResourcePlan:
+    worker_resources: dict[str, float]
+    """Ray resources each training worker asks for."""
+    data_task_cpus: float
+    """CPUs each Ray Data read/preprocess task asks for."""
+    cluster_cpus: float
+    cluster_gpus: float
+
+    def describe(self) -> str:
+        """One line for the log."""
+        return (
+            f"per worker {self.worker_resources}, Ray Data tasks {self.data_task_cpus} CPU each, "
+            f"cluster {self.cluster_cpus:g} CPU / {self.cluster_gpus:g} GPU"
+        )
+
+
+def connect(address: str | None = None) -> None:
+    """Join the Ray cluster at `address` (or RAY_ADDRESS), or start a local one.
+
+    A local Ray gets this machine's CPUs; kiln plans fractional CPUs for workers and data tasks
+    so nothing over-subscribes them.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    # "local": never attach by surprise to some other `ray start` cluster on this machine.
+    ray.init(
+        address="local", num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=True
+    )
+
+
+def plan_training(train: TrainSpec, *, cluster_cpus: float, cluster_gpus: float) -> ResourcePlan:
+    """Size training workers and Ray Data tasks to fit the cluster together.
+
+    Raises:
+        KilnError: the workers plus Ray Data's reserve cannot fit, with the numbers.
+    """
+    needed_gpus = (train.num_workers if train.use_gpu else 0) * (
+        (train.resources_per_worker or {}).get("GPU", 1.0)
+    )
+    if needed_gpus > cluster_gpus:
+        raise KilnError(
+            f"train.num_workers={train.num_workers} with use_gpu needs {needed_gpus:g} GPUs; "
+            f"the cluster has {cluster_gpus:g}"
+        )
+    data_task_cpus = round(min(0.5, train.data_cpus / 2), 3)
+    if train.resources_per_worker is not None:
+        worker = dict(train.resources_per_worker)
+    else:
+        free = cluster_cpus - train.data_cpus
+        worker = {"CPU": round(min(1.0, free / train.num_workers), 3)}
+        if train.use_gpu:
+            worker["GPU"] = 1.0
+    total_cpus = worker.get("CPU", 0.0) * train.num_workers + train.data_cpus
+    if worker.get("CPU", 0.0) <= 0 or total_cpus > cluster_cpus + 1e-9:
+        raise KilnError(
+            f"train: {train.num_workers} workers x {worker.get('CPU', 0.0):g} CPU + "
+            f"{train.data_cpus:g} CPU for Ray Data (train.data_cpus) = {total_cpus:g} CPUs, "
+            f"but the cluster has {cluster_cpus:g}; lower train.num_workers or "
+            "train.resources_per_worker, or add nodes"
+        )
+    return ResourcePlan(worker, data_task_cpus, cluster_cpus, cluster_gpus)

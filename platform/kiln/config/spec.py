@@ -1,0 +1,219 @@
+"""The job spec: one YAML document, parsed once at the edge into these typed models.
+
+Field docstrings double as `--help`/`kiln schema` text, so they say what a user needs to know.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=False)
+
+
+class PreprocessSpec(_Spec):
+    dedupe: bool = False
+    """Drop exact duplicate rows of the training split (features and label) before fitting."""
+    missing: Literal["drop", "mean", "median", "constant"] = "mean"
+    """How to treat missing feature values: drop the row, or fill with the training mean, median or
+    `fill_value`. Categorical columns fill with their most frequent value unless `missing` is
+    `constant` (then the unknown bucket / all-zero one-hot). Rows with a missing label are always
+    dropped and counted."""
+    fill_value: float = 0.0
+    """Value used when `missing: constant`."""
+    scaling: Literal["standard", "minmax", "none"] = "standard"
+    """Numeric feature scaling fitted on the training split."""
+    categorical: Literal["onehot", "index"] = "onehot"
+    """Encoding of categorical (string, bool or dictionary) columns: one-hot, or an integer index
+    with an explicit unknown bucket (0) that the model embeds."""
+    categorical_columns: list[str] | None = None
+    """Columns to treat as categorical. Default: every string, bool or dictionary column."""
+    max_categories: int = Field(default=100, ge=1, le=100_000)
+    """Most frequent categories kept per column; rarer ones map to the unknown bucket."""
+
+
+class DataSpec(_Spec):
+    train: str
+    """Training data: a file, a directory, a glob (`data/*.parquet`) or a pyarrow filesystem URI
+    (`s3://bucket/prefix`, `gs://...`, `file:///...`)."""
+    validation: str | None = None
+    """Validation data in the same forms as `train`. Give this or `validation_split`."""
+    validation_split: float | None = Field(default=None, gt=0.0, lt=1.0)
+    """Fraction of the training rows held out for validation, chosen by a stable hash of each row
+    (identical rows land on the same side, so duplicates never leak across the split)."""
+    format: Literal["parquet", "csv", "jsonl"] = "parquet"
+    """File format of `train` and `validation`."""
+    label: str
+    """Name of the label column."""
+    features: list[str] | None = None
+    """Feature columns, in order. Default: every column but the label."""
+    task: Literal["classification", "regression"] = "classification"
+    """Classification (labels may be ints or strings) or regression (numeric label)."""
+    preprocess: PreprocessSpec = Field(default_factory=PreprocessSpec)
+    """Preprocessing fitted on the training split and saved with the model."""
+
+    @model_validator(mode="after")
+    def _one_validation_source(self) -> DataSpec:
+        if self.validation is None and self.validation_split is None:
+            raise ValueError("give either data.validation (a path) or data.validation_split (0..1)")
+        if self.validation is not None and self.validation_split is not None:
+            raise ValueError("give data.validation or data.validation_split, not both")
+        if self.features is not None:
+            if self.label in self.features:
+                raise ValueError(f"data.features must not contain the label column {self.label!r}")
+            if len(set(self.features)) != len(self.features):
+                raise ValueError("data.features lists a column twice")
+        return self
+
+
+class ModelSpec(_Spec):
+    model_config = ConfigDict(extra="allow", use_attribute_docstrings=True)
+    kind: str = "tabular_mlp"
+    """A built-in model kind (`tabular_mlp`) or a user factory `package.module:function`, called as
+    `factory(spec, input_schema)` and returning a `torch.nn.Module`. Other keys in this section are
+    that kind's options (for `tabular_mlp`: hidden_sizes, dropout, activation, embedding_dim)."""
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The kind's options: every key of this section except `kind`."""
+        return dict(self.model_extra or {})
+
+
+class DeepSpeedSpec(_Spec):
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    """ZeRO partitioning stage: 1 shards optimizer state, 2 also gradients, 3 also parameters."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Training precision. bf16 needs a GPU (or CPU) with bf16 support; fp16 uses dynamic loss
+    scaling and needs a GPU."""
+    grad_accum: int = Field(default=1, ge=1)
+    """Micro-batches accumulated per optimizer step."""
+    grad_clip: float | None = Field(default=1.0, gt=0.0)
+    """Clip the global gradient norm to this value; null turns clipping off."""
+    offload_optimizer: bool = False
+    """ZeRO-Offload: keep optimizer state and step on the CPU (needs zero_stage >= 1)."""
+    activation_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory (models that support it)."""
+    fused_optimizer: bool = False
+    """Use DeepSpeed's fused Adam (fast on GPUs; JIT-builds a kernel on first use). Off: torch
+    AdamW handed to DeepSpeed, which needs no build."""
+    config: dict[str, Any] = Field(default_factory=dict)
+    """Extra raw DeepSpeed config keys merged over the generated config (expert escape hatch)."""
+
+    @model_validator(mode="after")
+    def _offload_needs_zero(self) -> DeepSpeedSpec:
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("train.deepspeed.offload_optimizer needs zero_stage 1, 2 or 3")
+        return self
+
+
+class TrainSpec(_Spec):
+    epochs: int = Field(default=10, ge=1)
+    """Passes over the training split."""
+    batch_size: int = Field(default=256, ge=1)
+    """Global batch size per optimizer step, across all workers and accumulation steps. Must divide
+    by num_workers * deepspeed.grad_accum."""
+    lr: float = Field(default=1e-3, gt=0.0)
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    """AdamW decoupled weight decay."""
+    warmup_steps: int = Field(default=0, ge=0)
+    """Linear warm-up steps, then cosine decay to zero over the remaining optimizer steps."""
+    seed: int = 0
+    """Seed for weight init, shuffling and the validation split."""
+    shuffle: bool = True
+    """Shuffle the training rows each epoch (a local buffer shuffle in the data pipeline)."""
+    num_workers: int = Field(default=2, ge=1)
+    """Training workers (one process each; one GPU each when use_gpu)."""
+    use_gpu: bool = False
+    """Train on GPUs with nccl; otherwise CPUs with gloo."""
+    resources_per_worker: dict[str, float] | None = None
+    """Ray resources per worker, e.g. {CPU: 4, GPU: 1}. Default: {CPU: 1} (+ {GPU: 1} with
+    use_gpu), shrunk to fit beside Ray Data on a small local machine."""
+    data_cpus: float = Field(default=0.5, gt=0.0)
+    """CPUs reserved for Ray Data's reading and preprocessing beside the training workers, so
+    they never starve each other."""
+    placement: Literal["PACK", "SPREAD"] = "PACK"
+    """How training workers are placed on nodes."""
+    checkpoint_every: int = Field(default=1, ge=1)
+    """Checkpoint every N epochs (the last epoch always checkpoints)."""
+    keep_checkpoints: int = Field(default=2, ge=1)
+    """Checkpoints kept, best by `metric`."""
+    max_failures: int = Field(default=2, ge=-1)
+    """Worker-group restarts from the latest checkpoint after a failure (-1: unlimited)."""
+    storage: str = "./.kiln/runs"
+    """Where runs and checkpoints are written: a local path or a pyarrow filesystem URI that every
+    node can reach."""
+    metric: str | None = None
+    """Validation metric that picks the best checkpoint. Default: val_accuracy for classification,
+    val_loss for regression."""
+    mode: Literal["max", "min"] | None = None
+    """Whether `metric` is better high or low. Default: from the metric's name."""
+    log_every: int = Field(default=20, ge=1)
+    """Rank 0 prints a progress line every N optimizer steps."""
+    deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
+    """DeepSpeed engine settings."""
+
+    @field_validator("resources_per_worker")
+    @classmethod
+    def _positive_resources(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for key, amount in (value or {}).items():
+            if amount < 0:
+                raise ValueError(f"resource {key!r} must be >= 0, got {amount}")
+        return value
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> TrainSpec:
+        per_step = self.num_workers * self.deepspeed.grad_accum
+        if self.batch_size % per_step:
+            raise ValueError(
+                f"train.batch_size ({self.batch_size}) must divide by num_workers * "
+                f"deepspeed.grad_accum ({self.num_workers} * {self.deepspeed.grad_accum})"
+            )
+        if self.deepspeed.precision == "fp16" and not self.use_gpu:
+            raise ValueError("train.deepspeed.precision fp16 needs train.use_gpu: true")
+        return self
+
+
+class JobSpec(_Spec):
+    """A kiln job: data, model, training and where the result is registered."""
+
+    name: str = Field(pattern=_NAME_PATTERN)
+    """Model name in the registry (letters, digits, `_ . -`)."""
+    data: DataSpec
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    registry: str = "./.kiln/registry"
+    """Model registry root: a local path or a pyarrow filesystem URI."""
+
+    @property
+    def metric(self) -> str:
+        """The validation metric that ranks checkpoints."""
+        if self.train.metric:
+            return self.train.metric
+        return "val_accuracy" if self.data.task == "classification" else "val_loss"
+
+    @property
+    def mode(self) -> Literal["max", "min"]:
+        """'max' or 'min' for `metric`."""
+        if self.train.mode:
+            return self.train.mode
+        lower_is_better = ("loss", "mse", "mae", "rmse", "perplexity")
+        return "min" if self.metric.endswith(lower_is_better) else "max"
+
+    @model_validator(mode="after")
+    def _metric_fits_task(self) -> JobSpec:
+        allowed = {
+            "classification": {"val_loss", "val_accuracy", "val_precision", "val_recall", "val_f1"},
+            "regression": {"val_loss", "val_mse", "val_mae", "val_r2"},
+        }[self.data.task]
+        if self.train.metric is not None and self.train.metric not in allowed:
+            raise ValueError(
+                f"train.metric {self.train.metric!r} is not reported for {self.data.task}; "
+                f"choose one of {sorted(allowed)}"
+            )
+        return self

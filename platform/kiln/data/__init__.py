@@ -1,0 +1,1 @@
+"""Data: locate and check files, read them with Ray Data, fit and apply preprocessing."""

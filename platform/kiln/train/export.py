@@ -1,0 +1,67 @@
+"""Turn a training checkpoint into a registered model version.
+
+The checkpoint already holds the consolidated fp32 weights (`model.safetensors`, written by rank
+0 from any ZeRO stage), so registration reads safetensors and JSON only, never DeepSpeed's
+pickled engine state.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file
+
+from kiln.config import JobSpec, dump_spec
+from kiln.data.preprocess import Preprocessor
+from kiln.errors import TrainingError
+from kiln.registry import ModelVersion, Registry
+from kiln.train.loop import WEIGHTS_FILE
+
+
+def model_document(spec: JobSpec, preprocessor: Preprocessor) -> dict[str, Any]:
+    """model.json: what is needed to rebuild the bare module (kind, options, input schema)."""
+    return {
+        "kind": spec.model.kind,
+        "options": spec.model.options,
+        "task": spec.data.task,
+        "input_schema": preprocessor.input_schema(),
+        "weights": WEIGHTS_FILE,
+        "format": 1,
+    }
+
+
+def register_checkpoint(
+    registry: Registry,
+    spec: JobSpec,
+    checkpoint: Any,
+    preprocessor: Preprocessor,
+    *,
+    metrics: dict[str, Any],
+    final_metrics: dict[str, Any] | None,
+    lineage: dict[str, Any],
+) -> ModelVersion:
+    """Register the checkpoint's weights with the model, preprocessing, metrics and lineage."""
+    with checkpoint.as_directory() as directory:
+        weights = Path(directory, WEIGHTS_FILE)
+        if not weights.is_file():
+            raise TrainingError(f"checkpoint {checkpoint.path} has no {WEIGHTS_FILE}")
+        tensors = load_file(str(weights))
+    documents = {
+        "model.json": model_document(spec, preprocessor),
+        "preprocessing.json": preprocessor.to_dict(),
+        "metrics.json": {
+            "metric": spec.metric,
+            "mode": spec.mode,
+            "best": _plain(metrics),
+            "final": _plain(final_metrics or {}),
+        },
+        "lineage.json": {"spec": spec.model_dump(mode="json"), **lineage},
+    }
+    return registry.register(
+        spec.name, tensors, documents, extra_files={"spec.yaml": dump_spec(spec).encode()}
+    )
+
+
+def _plain(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}

@@ -1,0 +1,224 @@
+"""The per-worker training function Ray Train runs on every worker.
+
+It reads top to bottom: set up the model and DeepSpeed engine, resume from Ray Train's
+checkpoint if there is one, then for each epoch train on this worker's shard, evaluate the
+validation shard (reduced across workers), checkpoint on the spec's cadence and report.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+
+from kiln.config.spec import JobSpec
+from kiln.models import build_model
+from kiln.train.engine import build_engine, full_state_dict
+from kiln.train.metrics import ClassificationMeter, RegressionMeter
+
+logger = logging.getLogger("kiln.train")
+
+CHECKPOINT_TAG = "kiln"
+STATE_FILE = "kiln_state.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point. `config` carries the validated spec as JSON plus fitted facts."""
+    import ray.train
+
+    _configure_worker_logging()
+    spec = JobSpec.model_validate(config["spec"])
+    input_schema: dict[str, Any] = config["input_schema"]
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(spec.train.seed)
+
+    model = build_model(
+        spec.model,
+        input_schema,
+        activation_checkpointing=spec.train.deepspeed.activation_checkpointing,
+    )
+    engine = build_engine(model, spec.train, total_steps=config["total_steps"])
+    start_epoch, global_step = _resume(engine)
+    dtype = _input_dtype(spec)
+    is_classification = spec.data.task == "classification"
+    loss_fn = torch.nn.CrossEntropyLoss() if is_classification else torch.nn.MSELoss()
+
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("validation")
+    micro_batch = spec.train.batch_size // (world * spec.train.deepspeed.grad_accum)
+    for epoch in range(start_epoch, spec.train.epochs + 1):
+        engine.train()
+        epoch_start, seen, loss_sum = time.perf_counter(), 0, 0.0
+        window_start, window_rows = time.perf_counter(), 0
+        batches = train_shard.iter_torch_batches(
+            batch_size=micro_batch,
+            device=device,
+            local_shuffle_buffer_size=8 * micro_batch if spec.train.shuffle else None,
+            local_shuffle_seed=spec.train.seed + epoch if spec.train.shuffle else None,
+            prefetch_batches=2,
+        )
+        for batch in batches:
+            loss = loss_fn(_forward(engine, batch, dtype).float(), batch["y"])
+            engine.backward(loss)
+            engine.step()
+            rows = len(batch["y"])
+            seen, window_rows = seen + rows, window_rows + rows
+            loss_sum += loss.item() * rows
+            if engine.is_gradient_accumulation_boundary():
+                global_step += 1
+            if (
+                rank == 0
+                and engine.is_gradient_accumulation_boundary()
+                and (global_step % spec.train.log_every == 0)
+            ):
+                rate = window_rows * world / max(time.perf_counter() - window_start, 1e-9)
+                logger.info(
+                    "epoch %d step %d loss %.4f lr %.3e samples/s %.0f",
+                    epoch,
+                    global_step,
+                    loss.item(),
+                    engine.get_lr()[0],
+                    rate,
+                )
+                window_start, window_rows = time.perf_counter(), 0
+        train_time = time.perf_counter() - epoch_start
+        metrics = {
+            "epoch": epoch,
+            "step": global_step,
+            "train_loss": _global_mean(loss_sum, seen, device),
+            "samples_per_s": _global_sum(seen, device) / max(train_time, 1e-9),
+            "lr": float(engine.get_lr()[0]),
+        }
+        metrics |= evaluate(engine, val_shard, config, spec, device, dtype)
+        if rank == 0:
+            logger.info("epoch %d done: %s", epoch, _format_metrics(metrics))
+        due = epoch % spec.train.checkpoint_every == 0 or epoch == spec.train.epochs
+        _report(engine, metrics, checkpoint=due, rank=rank)
+
+
+def evaluate(
+    engine: Any, shard: Any, config: dict[str, Any], spec: JobSpec, device: Any, dtype: Any
+) -> dict[str, float]:
+    """Validation metrics over every worker's validation shard, reduced exactly.
+
+    Shards may differ in length by a few rows, yet under ZeRO-3 every forward pass is a
+    collective, so ranks step in lock-step and a rank that has run out runs a throwaway
+    forward on its last batch until all are done.
+    """
+    engine.eval()
+    schema = config["input_schema"]
+    if spec.data.task == "classification":
+        meter: Any = ClassificationMeter(int(schema["num_classes"]))
+        loss_fn: Any = torch.nn.CrossEntropyLoss(reduction="sum")
+    else:
+        meter = RegressionMeter(**config.get("label_scale", {}))
+        loss_fn = torch.nn.MSELoss(reduction="sum")
+    batches = iter(shard.iter_torch_batches(batch_size=4096, device=device, prefetch_batches=2))
+    last = None
+    with torch.no_grad():
+        while True:
+            batch = next(batches, None)
+            if not _any_rank(batch is not None, device):
+                break
+            if batch is None:
+                if last is not None:
+                    _forward(engine, last, dtype)
+                continue
+            output = _forward(engine, batch, dtype).float()
+            meter.update(output, batch["y"], loss_fn(output, batch["y"]).item())
+            last = batch
+    state = meter.state.to(device)
+    if dist.is_initialized():
+        dist.all_reduce(state)
+    meter.state = state.cpu()
+    return {f"val_{name}": value for name, value in meter.compute().items()}
+
+
+def _forward(engine: Any, batch: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    x = batch["x"].to(dtype)
+    if "x_cat" in batch:
+        return engine(x, batch["x_cat"])  # type: ignore[no-any-return]
+    return engine(x)  # type: ignore[no-any-return]
+
+
+def _report(engine: Any, metrics: dict[str, Any], *, checkpoint: bool, rank: int) -> None:
+    """ray.train.report, with a checkpoint when due: every rank saves its DeepSpeed shard
+    (for resuming) and rank 0 adds the consolidated fp32 weights and the loop state."""
+    import ray.train
+
+    if not checkpoint:
+        ray.train.report(metrics)
+        return
+    weights = full_state_dict(engine)
+    with tempfile.TemporaryDirectory(prefix="kiln-ckpt-") as tmp:
+        engine.save_checkpoint(os.path.join(tmp, "deepspeed"), tag=CHECKPOINT_TAG)
+        if rank == 0:
+            save_file(weights, os.path.join(tmp, WEIGHTS_FILE))
+            Path(tmp, STATE_FILE).write_text(json.dumps(metrics))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def _resume(engine: Any) -> tuple[int, int]:
+    """Load Ray Train's latest checkpoint into the engine; returns (next epoch, global step)."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 1, 0
+    with checkpoint.as_directory() as directory:
+        engine.load_checkpoint(os.path.join(directory, "deepspeed"), tag=CHECKPOINT_TAG)
+        state = json.loads(Path(directory, STATE_FILE).read_text())
+    logger.info("resumed from checkpoint after epoch %d (step %d)", state["epoch"], state["step"])
+    return int(state["epoch"]) + 1, int(state["step"])
+
+
+def _input_dtype(spec: JobSpec) -> torch.dtype:
+    precision = spec.train.deepspeed.precision
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+
+
+def _any_rank(flag: bool, device: Any) -> bool:
+    if not dist.is_initialized():
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() > 0)
+
+
+def _global_sum(value: float, device: Any) -> float:
+    if not dist.is_initialized():
+        return float(value)
+    tensor = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return float(tensor.item())
+
+
+def _global_mean(total: float, count: int, device: Any) -> float:
+    return _global_sum(total, device) / max(_global_sum(count, device), 1.0)
+
+
+def _format_metrics(metrics: dict[str, Any]) -> str:
+    return " ".join(
+        f"{key} {value:.4f}" if isinstance(value, float) else f"{key} {value}"
+        for key, value in metrics.items()
+    )
+
+
+def _configure_worker_logging() -> None:
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[kiln] %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False

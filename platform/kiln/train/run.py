@@ -1,0 +1,255 @@
+"""`kiln train`: check the data, fit preprocessing, run the DeepSpeed TorchTrainer, register the
+best checkpoint.
+
+The driver never holds the dataset: files are checked from their metadata, preprocessing is
+fitted from per-batch statistics, and Ray Data streams the rows into the workers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kiln.cluster import ResourcePlan, connect, plan_training
+from kiln.config import JobSpec, dump_spec, spec_hash, validate_spec
+from kiln.data.pipeline import dedupe as dedupe_dataset
+from kiln.data.pipeline import fit_on_dataset, preprocess_dataset, split_by_hash
+from kiln.data.preprocess import Preprocessor
+from kiln.data.source import DataInfo, check_data, read_dataset
+from kiln.errors import KilnError, TrainingError
+from kiln.registry import ModelVersion, Registry
+from kiln.train.export import register_checkpoint
+
+logger = logging.getLogger(__name__)
+
+RUN_FILE = "kiln_run.json"
+SPEC_FILE = "spec.yaml"
+
+
+@dataclass
+class Prepared:
+    """What the driver learns before training: checked files, fitted preprocessing, counts."""
+
+    train_info: DataInfo
+    validation_info: DataInfo | None
+    preprocessor: Preprocessor
+    stats: dict[str, Any]
+    train_rows: int
+    datasets: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainOutcome:
+    run_dir: str
+    metrics: dict[str, Any]
+    model: ModelVersion
+    best_epoch: int
+
+
+def run(spec: JobSpec, *, resume: str | None = None, address: str | None = None) -> TrainOutcome:
+    """Train `spec` end to end and register the best checkpoint.
+
+    Args:
+        spec: the validated job spec (ignored in favour of the run's own spec when resuming).
+        resume: a run directory written by an earlier `kiln train`; training continues from
+            its latest checkpoint with the spec and preprocessing saved there.
+        address: a Ray cluster address; default RAY_ADDRESS or a local Ray.
+    """
+    if resume:
+        spec, run_dir, saved = _load_run(resume)
+    else:
+        run_dir = str(
+            Path(spec.train.storage).resolve() / f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        )
+        saved = None
+    check = check_data(spec.data)
+    connect(address)
+    plan = _plan(spec)
+    logger.info("resources: %s", plan.describe())
+    prepared = prepare(spec, plan, check, preprocessor=saved)
+    if saved is None:
+        _save_run(spec, run_dir, prepared)
+    result = fit(spec, prepared, plan, run_dir)
+    return _register(spec, prepared, result, run_dir)
+
+
+def prepare(
+    spec: JobSpec,
+    plan: ResourcePlan,
+    check: tuple[DataInfo, DataInfo | None],
+    *,
+    preprocessor: Preprocessor | None = None,
+) -> Prepared:
+    """Build the lazy Ray datasets, and fit preprocessing on the training split unless given."""
+    train_info, val_info = check
+    data = spec.data
+    columns = [*train_info.features, data.label]
+    remote = {"num_cpus": plan.data_task_cpus}
+    train_ds = read_dataset(train_info.files, columns=columns, ray_remote_args=remote)
+    if val_info is not None:
+        val_ds = read_dataset(val_info.files, columns=columns, ray_remote_args=remote)
+    else:
+        assert data.validation_split is not None
+        train_ds, val_ds = split_by_hash(
+            train_ds, data.validation_split, columns=columns, seed=spec.train.seed
+        )
+    if data.preprocess.dedupe:
+        train_ds = dedupe_dataset(train_ds, columns=columns)
+    fitted, stats = fit_on_dataset(
+        train_ds,
+        data.preprocess,
+        features=list(train_info.features),
+        numeric=list(train_info.numeric),
+        categorical=list(train_info.categorical),
+        label=data.label,
+        task=data.task,
+        seed=spec.train.seed,
+        num_cpus=plan.data_task_cpus,
+    )
+    pre = preprocessor or fitted
+    rows = _usable_rows(stats, data.preprocess.missing)
+    if rows < spec.train.num_workers:
+        raise KilnError(
+            f"data.train: {rows} usable training rows, fewer than train.num_workers "
+            f"({spec.train.num_workers})"
+        )
+    datasets = {
+        "train": preprocess_dataset(train_ds, pre, num_cpus=plan.data_task_cpus),
+        "validation": preprocess_dataset(val_ds, pre, num_cpus=plan.data_task_cpus),
+    }
+    return Prepared(train_info, val_info, pre, stats, rows, datasets)
+
+
+def fit(spec: JobSpec, prepared: Prepared, plan: ResourcePlan, run_dir: str) -> Any:
+    """Run the TorchTrainer; returns Ray Train's Result."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from kiln.train.ingest import ValidationExactDataConfig
+    from kiln.train.loop import train_loop_per_worker
+
+    train = spec.train
+    per_worker = prepared.train_rows // train.num_workers
+    micro_batches = math.ceil(
+        per_worker / (train.batch_size // train.num_workers // train.deepspeed.grad_accum)
+    )
+    total_steps = train.epochs * max(1, math.ceil(micro_batches / train.deepspeed.grad_accum))
+    loop_config = {
+        "spec": spec.model_dump(mode="json"),
+        "input_schema": prepared.preprocessor.input_schema(),
+        "label_scale": prepared.preprocessor.label_scale(),
+        "total_steps": total_steps,
+    }
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=train.num_workers,
+            use_gpu=train.use_gpu,
+            resources_per_worker=plan.worker_resources,
+            placement_strategy=train.placement,
+        ),
+        torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
+        datasets=prepared.datasets,
+        dataset_config=ValidationExactDataConfig(),
+        run_config=RunConfig(
+            name=Path(run_dir).name,
+            storage_path=str(Path(run_dir).parent),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=train.keep_checkpoints,
+                checkpoint_score_attribute=spec.metric,
+                checkpoint_score_order=spec.mode,
+            ),
+            failure_config=FailureConfig(max_failures=train.max_failures),
+        ),
+    )
+    logger.info(
+        "training %s: %d rows, %d workers, run dir %s",
+        spec.name,
+        prepared.train_rows,
+        train.num_workers,
+        run_dir,
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise TrainingError(f"training failed: {result.error}") from result.error
+    return result
+
+
+def _register(spec: JobSpec, prepared: Prepared, result: Any, run_dir: str) -> TrainOutcome:
+    scored = [
+        (ckpt, metrics)
+        for ckpt, metrics in (result.best_checkpoints or [])
+        if spec.metric in metrics
+    ]
+    if not scored:
+        raise TrainingError(f"training reported no checkpoint with metric {spec.metric!r}")
+    pick = max if spec.mode == "max" else min
+    checkpoint, metrics = pick(scored, key=lambda pair: pair[1][spec.metric])
+    lineage = {
+        "run_dir": run_dir,
+        "checkpoint": checkpoint.path,
+        "spec_hash": spec_hash(spec),
+        "data": {
+            "train": prepared.train_info.files.fingerprint(),
+            "validation": prepared.validation_info.files.fingerprint()
+            if prepared.validation_info
+            else None,
+            "train_rows": prepared.train_rows,
+        },
+    }
+    version = register_checkpoint(
+        Registry(spec.registry),
+        spec,
+        checkpoint,
+        prepared.preprocessor,
+        metrics=metrics,
+        final_metrics=result.metrics,
+        lineage=lineage,
+    )
+    return TrainOutcome(run_dir, dict(metrics), version, int(metrics.get("epoch", 0)))
+
+
+def _plan(spec: JobSpec) -> ResourcePlan:
+    import ray
+
+    resources = ray.cluster_resources()
+    return plan_training(
+        spec.train,
+        cluster_cpus=float(resources.get("CPU", 0.0)),
+        cluster_gpus=float(resources.get("GPU", 0.0)),
+    )
+
+
+def _usable_rows(stats: dict[str, Any], missing: str) -> int:
+    rows = int(stats["rows"]) - int(stats.get("rows_with_missing_label", 0))
+    if missing == "drop":
+        rows -= int(stats.get("rows_with_missing_feature", 0))
+    return rows
+
+
+def _save_run(spec: JobSpec, run_dir: str, prepared: Prepared) -> None:
+    directory = Path(run_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / SPEC_FILE).write_text(dump_spec(spec))
+    run_file = {"preprocessing": prepared.preprocessor.to_dict(), "stats": prepared.stats}
+    tmp = directory / f".{RUN_FILE}.tmp"
+    tmp.write_text(json.dumps(run_file))
+    tmp.rename(directory / RUN_FILE)
+
+
+def _load_run(run_dir: str) -> tuple[JobSpec, str, Preprocessor]:
+    directory = Path(run_dir).resolve()
+    spec_path, run_path = directory / SPEC_FILE, directory / RUN_FILE
+    if not spec_path.is_file() or not run_path.is_file():
+        raise KilnError(f"--resume {run_dir}: not a kiln run directory (no {SPEC_FILE}/{RUN_FILE})")
+    spec = validate_spec(yaml.safe_load(spec_path.read_text()), source=str(spec_path))
+    saved = json.loads(run_path.read_text())
+    return spec, str(directory), Preprocessor.from_dict(saved["preprocessing"])

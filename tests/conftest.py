@@ -1,0 +1,57 @@
+"""Shared fixtures: one local Ray per test session, generated datasets, a GPU mark."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    try:
+        import torch
+
+        has_gpu = torch.cuda.is_available()
+    except ImportError:
+        has_gpu = False
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords and not has_gpu:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[None]:
+    """One local Ray for the whole session (2 logical CPUs more than cores would hide
+    resource-planning bugs, so it gets exactly this machine's CPUs), shut down at the end."""
+    import ray
+
+    temp_dir = tempfile.mkdtemp(prefix="kr-", dir="/tmp")
+    ray.init(
+        address="local",
+        num_cpus=os.cpu_count() or 2,
+        include_dashboard=False,
+        _temp_dir=temp_dir,
+        runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}},
+    )
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """scikit-learn's digits as sharded Parquet (train/ and test/), written once per session."""
+    from kiln.data.examples import write_digits
+
+    out = tmp_path_factory.mktemp("digits")
+    write_digits(out, shards=4, seed=0, overwrite=True)
+    return out
