@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -32,7 +33,10 @@ def ray_session() -> Iterator[None]:
     resource-planning bugs, so it gets exactly this machine's CPUs), shut down at the end."""
     import ray
 
-    temp_dir = tempfile.mkdtemp(prefix="kr-", dir="/tmp")
+    temp_dir = tempfile.mkdtemp(prefix="kr-", dir="/tmp")  # short: Ray's socket paths are capped
+    # ray.init turns token auth on by itself; a token in the environment keeps it from writing
+    # one under ~/.ray (RAY_AUTH_MODE would be too late here: `import ray` caches it).
+    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
     ray.init(
         address="local",
         num_cpus=os.cpu_count() or 2,

@@ -35,8 +35,12 @@ def test_overrides_parse_yaml_values(tmp_path: Path) -> None:
     path = _write(tmp_path, "name: m\ndata: {train: d, validation_split: 0.2, label: y}\n")
     spec = load_spec(
         path,
-        ["train.num_workers=4", "train.deepspeed.zero_stage=3", "model.hidden_sizes=[8, 4]",
-         "train.batch_size=64"],
+        [
+            "train.num_workers=4",
+            "train.deepspeed.zero_stage=3",
+            "model.hidden_sizes=[8, 4]",
+            "train.batch_size=64",
+        ],
     )
     assert spec.train.num_workers == 4
     assert spec.train.deepspeed.zero_stage == 3
@@ -44,8 +48,9 @@ def test_overrides_parse_yaml_values(tmp_path: Path) -> None:
 
 
 def test_unknown_key_names_the_path(tmp_path: Path) -> None:
-    path = _write(tmp_path, "name: m\ndata: {train: d, validation_split: 0.2, label: y}\n"
-                  "train: {epoch: 3}\n")
+    path = _write(
+        tmp_path, "name: m\ndata: {train: d, validation_split: 0.2, label: y}\ntrain: {epoch: 3}\n"
+    )
     with pytest.raises(SpecError, match=r"train\.epoch: unknown key"):
         load_spec(path)
 

@@ -12,14 +12,32 @@ from kiln.train.engine import deepspeed_config, warmup_cosine
 from kiln.train.metrics import ClassificationMeter, RegressionMeter
 
 BASE = {"name": "m", "data": {"train": "d", "validation_split": 0.2, "label": "y"}}
-SCHEMA = {"task": "classification", "num_inputs": 5, "num_classes": 3,
-          "categorical_cardinalities": []}
+SCHEMA = {
+    "task": "classification",
+    "num_inputs": 5,
+    "num_classes": 3,
+    "categorical_cardinalities": [],
+}
 
 
 def test_deepspeed_config_from_spec() -> None:
-    spec = validate_spec({**BASE, "train": {"batch_size": 64, "num_workers": 2, "deepspeed": {
-        "zero_stage": 3, "precision": "bf16", "grad_accum": 2, "grad_clip": 0.5,
-        "offload_optimizer": True, "config": {"zero_optimization": {"reduce_bucket_size": 10}}}}})
+    spec = validate_spec(
+        {
+            **BASE,
+            "train": {
+                "batch_size": 64,
+                "num_workers": 2,
+                "deepspeed": {
+                    "zero_stage": 3,
+                    "precision": "bf16",
+                    "grad_accum": 2,
+                    "grad_clip": 0.5,
+                    "offload_optimizer": True,
+                    "config": {"zero_optimization": {"reduce_bucket_size": 10}},
+                },
+            },
+        }
+    )
     config = deepspeed_config(spec.train)
     assert config["train_micro_batch_size_per_gpu"] == 16
     assert config["gradient_accumulation_steps"] == 2
@@ -92,7 +110,8 @@ def test_tabular_mlp_shapes_and_embeddings() -> None:
     assert regression(torch.randn(4, 5)).shape == (4,)
     checkpointed = build_model(spec.model, SCHEMA, activation_checkpointing=True)
     assert checkpointed.checkpointing and not math.isnan(
-        checkpointed(torch.randn(2, 5)).sum().item())
+        checkpointed(torch.randn(2, 5)).sum().item()
+    )
 
 
 def test_model_errors_name_the_field() -> None:

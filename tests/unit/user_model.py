@@ -7,9 +7,12 @@ class Linear(nn.Sequential):
     width: int
 
 
-def make(spec, input_schema):  # noqa: ANN001, ANN201 - the documented factory signature
+def make(spec, input_schema):
     width = int(spec.options.get("width", 16))
-    model = Linear(nn.Linear(input_schema["num_inputs"], width), nn.ReLU(),
-                   nn.Linear(width, input_schema["num_classes"]))
+    model = Linear(
+        nn.Linear(input_schema["num_inputs"], width),
+        nn.ReLU(),
+        nn.Linear(width, input_schema["num_classes"]),
+    )
     model.width = width
     return model

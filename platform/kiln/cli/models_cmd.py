@@ -23,6 +23,13 @@ def add_commands(commands: Any) -> None:
     add_registry_flag(show)
     show.set_defaults(handler=_show)
 
+    verify = sub.add_parser(
+        "verify", help="check every file of a version against its manifest and rebuild the model"
+    )
+    verify.add_argument("ref")
+    add_registry_flag(verify)
+    verify.set_defaults(handler=_verify)
+
     promote = sub.add_parser("promote", help="point ALIAS (e.g. production) at a model version")
     promote.add_argument("ref", help="NAME:VERSION, NAME@ALIAS or NAME (latest)")
     promote.add_argument("alias")
@@ -57,6 +64,17 @@ def _show(args: argparse.Namespace) -> int:
     from kiln.registry import Registry
 
     print_json(Registry(args.registry).show(args.ref))
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from kiln.registry import Registry
+    from kiln.registry.model import load_model
+
+    model = load_model(Registry(args.registry), args.ref)
+    files = len(model.loaded.manifest["files"])
+    params = sum(p.numel() for p in model.module.parameters())
+    print(f"{model.ref}: {files} files verified, {params} parameters loaded")
     return 0
 
 

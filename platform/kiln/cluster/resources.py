@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from dataclasses import dataclass
 
 from kiln.config.spec import TrainSpec
@@ -43,15 +44,27 @@ def connect(address: str | None = None) -> None:
     import ray
 
     if ray.is_initialized():
+        _quiet_data_progress()
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
+        _quiet_data_progress()
         return
     # "local": never attach by surprise to some other `ray start` cluster on this machine.
     ray.init(
         address="local", num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=True
     )
+    _quiet_data_progress()
+
+
+def _quiet_data_progress() -> None:
+    """Ray Data's progress bars only on a terminal: in logs they are pages of escape codes."""
+    from ray.data import DataContext
+
+    context = DataContext.get_current()
+    context.enable_progress_bars = sys.stderr.isatty()
+    context.print_on_execution_start = False
 
 
 def plan_training(train: TrainSpec, *, cluster_cpus: float, cluster_gpus: float) -> ResourcePlan:

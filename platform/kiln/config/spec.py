@@ -134,9 +134,9 @@ class TrainSpec(_Spec):
     resources_per_worker: dict[str, float] | None = None
     """Ray resources per worker, e.g. {CPU: 4, GPU: 1}. Default: {CPU: 1} (+ {GPU: 1} with
     use_gpu), shrunk to fit beside Ray Data on a small local machine."""
-    data_cpus: float = Field(default=0.5, gt=0.0)
+    data_cpus: float = Field(default=1.0, ge=1.0)
     """CPUs reserved for Ray Data's reading and preprocessing beside the training workers, so
-    they never starve each other."""
+    they never starve each other. At least 1: Ray Data's file-listing task asks for a whole CPU."""
     placement: Literal["PACK", "SPREAD"] = "PACK"
     """How training workers are placed on nodes."""
     checkpoint_every: int = Field(default=1, ge=1)

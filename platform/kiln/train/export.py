@@ -38,7 +38,7 @@ def register_checkpoint(
     preprocessor: Preprocessor,
     *,
     metrics: dict[str, Any],
-    final_metrics: dict[str, Any] | None,
+    history: list[dict[str, Any]],
     lineage: dict[str, Any],
 ) -> ModelVersion:
     """Register the checkpoint's weights with the model, preprocessing, metrics and lineage."""
@@ -54,7 +54,7 @@ def register_checkpoint(
             "metric": spec.metric,
             "mode": spec.mode,
             "best": _plain(metrics),
-            "final": _plain(final_metrics or {}),
+            "history": [_plain(epoch) for epoch in history],
         },
         "lineage.json": {"spec": spec.model_dump(mode="json"), **lineage},
     }

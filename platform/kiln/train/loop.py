@@ -12,6 +12,7 @@ import logging
 import os
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +32,18 @@ STATE_FILE = "kiln_state.json"
 WEIGHTS_FILE = "model.safetensors"
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point. `config` carries the validated spec as JSON plus fitted facts."""
+def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
+    """Ray Train entry point. `config` carries the validated spec as JSON plus fitted facts.
+
+    Returns:
+        The per-epoch metrics of the whole run, including epochs before a resume (Ray Train
+        hands rank 0's return value to the driver).
+    """
     import ray.train
 
     _configure_worker_logging()
+    # DeepSpeed calls a torch collective that torch 2.13 marks deprecated, once per step.
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     spec = JobSpec.model_validate(config["spec"])
     input_schema: dict[str, Any] = config["input_schema"]
     context = ray.train.get_context()
@@ -49,7 +57,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         activation_checkpointing=spec.train.deepspeed.activation_checkpointing,
     )
     engine = build_engine(model, spec.train, total_steps=config["total_steps"])
-    start_epoch, global_step = _resume(engine)
+    start_epoch, global_step, history = _resume(engine)
+    resumed_from = start_epoch - 1
     dtype = _input_dtype(spec)
     is_classification = spec.data.task == "classification"
     loss_fn = torch.nn.CrossEntropyLoss() if is_classification else torch.nn.MSELoss()
@@ -99,12 +108,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "train_loss": _global_mean(loss_sum, seen, device),
             "samples_per_s": _global_sum(seen, device) / max(train_time, 1e-9),
             "lr": float(engine.get_lr()[0]),
+            "resumed_from_epoch": resumed_from,
         }
         metrics |= evaluate(engine, val_shard, config, spec, device, dtype)
         if rank == 0:
             logger.info("epoch %d done: %s", epoch, _format_metrics(metrics))
+        history.append(metrics)
         due = epoch % spec.train.checkpoint_every == 0 or epoch == spec.train.epochs
-        _report(engine, metrics, checkpoint=due, rank=rank)
+        _report(engine, metrics, history, checkpoint=due, rank=rank)
+    return history
 
 
 def evaluate(
@@ -152,7 +164,14 @@ def _forward(engine: Any, batch: dict[str, torch.Tensor], dtype: torch.dtype) ->
     return engine(x)  # type: ignore[no-any-return]
 
 
-def _report(engine: Any, metrics: dict[str, Any], *, checkpoint: bool, rank: int) -> None:
+def _report(
+    engine: Any,
+    metrics: dict[str, Any],
+    history: list[dict[str, Any]],
+    *,
+    checkpoint: bool,
+    rank: int,
+) -> None:
     """ray.train.report, with a checkpoint when due: every rank saves its DeepSpeed shard
     (for resuming) and rank 0 adds the consolidated fp32 weights and the loop state."""
     import ray.train
@@ -165,22 +184,26 @@ def _report(engine: Any, metrics: dict[str, Any], *, checkpoint: bool, rank: int
         engine.save_checkpoint(os.path.join(tmp, "deepspeed"), tag=CHECKPOINT_TAG)
         if rank == 0:
             save_file(weights, os.path.join(tmp, WEIGHTS_FILE))
-            Path(tmp, STATE_FILE).write_text(json.dumps(metrics))
+            Path(tmp, STATE_FILE).write_text(json.dumps({**metrics, "history": history}))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
-def _resume(engine: Any) -> tuple[int, int]:
-    """Load Ray Train's latest checkpoint into the engine; returns (next epoch, global step)."""
+def _resume(engine: Any) -> tuple[int, int, list[dict[str, Any]]]:
+    """Load Ray Train's latest checkpoint into the engine.
+
+    Returns:
+        (next epoch, global step, per-epoch metrics so far).
+    """
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        return 1, 0
+        return 1, 0, []
     with checkpoint.as_directory() as directory:
         engine.load_checkpoint(os.path.join(directory, "deepspeed"), tag=CHECKPOINT_TAG)
         state = json.loads(Path(directory, STATE_FILE).read_text())
     logger.info("resumed from checkpoint after epoch %d (step %d)", state["epoch"], state["step"])
-    return int(state["epoch"]) + 1, int(state["step"])
+    return int(state["epoch"]) + 1, int(state["step"]), list(state.get("history", []))
 
 
 def _input_dtype(spec: JobSpec) -> torch.dtype:

@@ -51,6 +51,7 @@ class TrainOutcome:
     metrics: dict[str, Any]
     model: ModelVersion
     best_epoch: int
+    history: list[dict[str, Any]]
 
 
 def run(spec: JobSpec, *, resume: str | None = None, address: str | None = None) -> TrainOutcome:
@@ -114,7 +115,7 @@ def prepare(
         num_cpus=plan.data_task_cpus,
     )
     pre = preprocessor or fitted
-    rows = _usable_rows(stats, data.preprocess.missing)
+    rows = int(stats["rows_used"])
     if rows < spec.train.num_workers:
         raise KilnError(
             f"data.train: {rows} usable training rows, fewer than train.num_workers "
@@ -144,7 +145,7 @@ def fit(spec: JobSpec, prepared: Prepared, plan: ResourcePlan, run_dir: str) -> 
     loop_config = {
         "spec": spec.model_dump(mode="json"),
         "input_schema": prepared.preprocessor.input_schema(),
-        "label_scale": prepared.preprocessor.label_scale(),
+        "label_scale": _label_scale(prepared.preprocessor),
         "total_steps": total_steps,
     }
     trainer = TorchTrainer(
@@ -205,16 +206,17 @@ def _register(spec: JobSpec, prepared: Prepared, result: Any, run_dir: str) -> T
             "train_rows": prepared.train_rows,
         },
     }
+    history = list(result.return_value or [])
     version = register_checkpoint(
         Registry(spec.registry),
         spec,
         checkpoint,
         prepared.preprocessor,
         metrics=metrics,
-        final_metrics=result.metrics,
+        history=history,
         lineage=lineage,
     )
-    return TrainOutcome(run_dir, dict(metrics), version, int(metrics.get("epoch", 0)))
+    return TrainOutcome(run_dir, dict(metrics), version, int(metrics.get("epoch", 0)), history)
 
 
 def _plan(spec: JobSpec) -> ResourcePlan:
@@ -228,11 +230,10 @@ def _plan(spec: JobSpec) -> ResourcePlan:
     )
 
 
-def _usable_rows(stats: dict[str, Any], missing: str) -> int:
-    rows = int(stats["rows"]) - int(stats.get("rows_with_missing_label", 0))
-    if missing == "drop":
-        rows -= int(stats.get("rows_with_missing_feature", 0))
-    return rows
+def _label_scale(pre: Preprocessor) -> dict[str, float]:
+    if pre.task != "regression":
+        return {}
+    return {"label_mean": pre.label.mean, "label_std": pre.label.std}
 
 
 def _save_run(spec: JobSpec, run_dir: str, prepared: Prepared) -> None:
