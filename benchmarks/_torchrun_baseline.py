@@ -75,7 +75,8 @@ def main() -> None:
         dist.barrier()
         start, seen, loss_sum = time.perf_counter(), 0, 0.0
         for first in range(0, len(y), micro):
-            index = order[first : first + micro] if order is not None else slice(first, first + micro)
+            rows = slice(first, first + micro)
+            index = order[rows] if order is not None else rows
             xb, yb = x[index], y[index]
             loss = loss_fn(engine(xb).float(), yb)
             engine.backward(loss)

@@ -162,3 +162,59 @@ def test_killed_worker_resumes_from_last_checkpoint(digits_dir: Path, tmp_path: 
     assert [epoch["epoch"] for epoch in outcome.history] == list(range(1, 6))
     assert outcome.model.ref == "digits-test:1"
     assert outcome.metrics["val_accuracy"] >= 0.9
+
+
+def test_regression_with_categoricals_split_and_dedupe(tmp_path: Path) -> None:
+    """The other half of the spec: regression, index-encoded categoricals with embeddings,
+    median fill, a hash validation split and de-duplication, on ZeRO-1."""
+    from kiln.data.examples import write_synth
+
+    data = tmp_path / "synth"
+    write_synth(
+        data,
+        rows=3000,
+        features=6,
+        task="regression",
+        categorical=2,
+        missing_fraction=0.05,
+        shards=3,
+        test_fraction=0.1,
+        seed=3,
+    )
+    train_dir = data / "train"
+    # Duplicate one shard: dedupe must bring the row count back.
+    first = sorted(train_dir.glob("*.parquet"))[0]
+    (train_dir / "part-dup.parquet").write_bytes(first.read_bytes())
+    spec = validate_spec(
+        {
+            "name": "synth-reg",
+            "data": {
+                "train": str(train_dir),
+                "validation_split": 0.2,
+                "label": "label",
+                "task": "regression",
+                "preprocess": {"dedupe": True, "missing": "median", "categorical": "index"},
+            },
+            "model": {"hidden_sizes": [64, 32], "embedding_dim": 4},
+            "train": {
+                "epochs": 8,
+                "batch_size": 64,
+                "lr": 0.003,
+                "num_workers": 2,
+                "storage": str(tmp_path / "runs"),
+                "deepspeed": {"zero_stage": 1},
+            },
+            "registry": str(tmp_path / "registry"),
+        }
+    )
+    outcome = run(spec)
+    assert outcome.metrics["val_r2"] > 0.5, outcome.history
+    assert spec.metric == "val_loss"
+    registered = load_model(Registry(spec.registry), outcome.model.ref)
+    schema = registered.preprocessor.input_schema()
+    assert len(schema["categorical_cardinalities"]) == 2
+    rows = sum(pq.ParquetFile(p).metadata.num_rows for p in train_dir.glob("part-0*.parquet"))
+    assert outcome.history and rows > 0
+    lineage = Registry(spec.registry).show(outcome.model.ref)["documents"]["lineage.json"]
+    # De-duplicated and split: the training rows are the distinct rows on the training side.
+    assert lineage["data"]["train_rows"] < rows * 0.85

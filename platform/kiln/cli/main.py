@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"kiln {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    parser.set_defaults(handler=lambda _args: parser.print_help() or 0)
+    parser.set_defaults(handler=lambda _args: _print_help(parser))
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
     from kiln.cli import data_cmd, models_cmd, train_cmd
 
@@ -67,6 +67,11 @@ def add_registry_flag(parser: argparse.ArgumentParser) -> None:
 def print_json(value: Any) -> None:
     """Pretty JSON on stdout."""
     print(json.dumps(value, indent=2, sort_keys=False, default=str))
+
+
+def _print_help(parser: argparse.ArgumentParser) -> int:
+    parser.print_help()
+    return 0
 
 
 def _configure_logging(verbose: bool) -> None:

@@ -228,7 +228,12 @@ def _string_hash(column: pa.ChunkedArray, kind: pa.DataType, key: str) -> np.nda
 
 
 def split_by_hash(
-    ds: ray.data.Dataset, fraction: float, *, columns: list[str], seed: int
+    ds: ray.data.Dataset,
+    fraction: float,
+    *,
+    columns: list[str],
+    seed: int,
+    num_cpus: float = 0.5,
 ) -> tuple[ray.data.Dataset, ray.data.Dataset]:
     """Split rows into (train, validation) by a stable hash of their values in `columns`.
 
@@ -242,7 +247,7 @@ def split_by_hash(
         keep = partial(
             _keep_side, columns=list(columns), seed=seed, fraction=fraction, validation=validation
         )
-        sides[validation] = ds.map_batches(keep, batch_format="pyarrow")
+        sides[validation] = ds.map_batches(keep, batch_format="pyarrow", num_cpus=num_cpus)
     return sides[False], sides[True]
 
 
@@ -253,16 +258,18 @@ def _keep_side(
     return table.filter(pa.array((unit < fraction) == validation))
 
 
-def dedupe(ds: ray.data.Dataset, *, columns: list[str]) -> ray.data.Dataset:
+def dedupe(ds: ray.data.Dataset, *, columns: list[str], num_cpus: float = 0.5) -> ray.data.Dataset:
     """Remove rows whose values in `columns` duplicate an earlier row, across the whole dataset.
 
     Rows are bucketed by a hash and shuffled so duplicates meet; within a bucket, rows are
     compared by value, so a hash collision never removes a distinct row.
     """
     columns = list(columns)
-    bucketed = ds.map_batches(partial(_add_bucket, columns=columns), batch_format="pyarrow")
+    bucketed = ds.map_batches(
+        partial(_add_bucket, columns=columns), batch_format="pyarrow", num_cpus=num_cpus
+    )
     kept = bucketed.groupby(_BUCKET_COLUMN).map_groups(
-        partial(_first_distinct, columns=columns), batch_format="pyarrow"
+        partial(_first_distinct, columns=columns), batch_format="pyarrow", num_cpus=num_cpus
     )
     return kept.drop_columns([_BUCKET_COLUMN])
 

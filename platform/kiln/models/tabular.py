@@ -89,8 +89,8 @@ def build_tabular_mlp(spec: ModelSpec, input_schema: dict[str, Any]) -> nn.Modul
         raise ValueError(details) from None
     if options.activation not in ACTIVATIONS:
         raise ValueError(f"model.activation: choose one of {sorted(ACTIVATIONS)}")
-    classes = input_schema.get("num_classes")
-    num_outputs = int(classes) if input_schema["task"] == "classification" else 1
+    is_classifier = input_schema["task"] == "classification"
+    num_outputs = int(input_schema["num_classes"]) if is_classifier else 1
     return TabularMLP(
         int(input_schema["num_inputs"]),
         [int(c) for c in input_schema.get("categorical_cardinalities") or []],

@@ -15,7 +15,7 @@ class ValidationExactDataConfig(DataConfig):
     evaluation loop keeps ranks in lock-step instead.
     """
 
-    def configure(  # type: ignore[override]
+    def configure(
         self,
         datasets: dict[str, Any],
         world_size: int,

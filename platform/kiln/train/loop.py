@@ -40,6 +40,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
         hands rank 0's return value to the driver).
     """
     import ray.train
+    import ray.train.torch
 
     _configure_worker_logging()
     # DeepSpeed calls a torch collective that torch 2.13 marks deprecated, once per step.
@@ -160,8 +161,8 @@ def evaluate(
 def _forward(engine: Any, batch: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     x = batch["x"].to(dtype)
     if "x_cat" in batch:
-        return engine(x, batch["x_cat"])  # type: ignore[no-any-return]
-    return engine(x)  # type: ignore[no-any-return]
+        return engine(x, batch["x_cat"])
+    return engine(x)
 
 
 def _report(

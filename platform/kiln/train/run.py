@@ -99,10 +99,14 @@ def prepare(
     else:
         assert data.validation_split is not None
         train_ds, val_ds = split_by_hash(
-            train_ds, data.validation_split, columns=columns, seed=spec.train.seed
+            train_ds,
+            data.validation_split,
+            columns=columns,
+            seed=spec.train.seed,
+            num_cpus=plan.data_task_cpus,
         )
     if data.preprocess.dedupe:
-        train_ds = dedupe_dataset(train_ds, columns=columns)
+        train_ds = dedupe_dataset(train_ds, columns=columns, num_cpus=plan.data_task_cpus)
     fitted, stats = fit_on_dataset(
         train_ds,
         data.preprocess,
@@ -149,7 +153,7 @@ def fit(spec: JobSpec, prepared: Prepared, plan: ResourcePlan, run_dir: str) -> 
         "total_steps": total_steps,
     }
     trainer = TorchTrainer(
-        train_loop_per_worker,
+        train_loop_per_worker,  # type: ignore[arg-type]  # returns the history to rank 0
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(
             num_workers=train.num_workers,

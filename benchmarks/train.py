@@ -1,0 +1,588 @@
+"""Throughput of kiln's training and ingest paths against plain references, side by side.
+
+    .venv/bin/python benchmarks/train.py                     # both figures, about 5 minutes
+    .venv/bin/python benchmarks/train.py --only ingest --sweep   # try Ray Data knobs on ingest
+
+1. Steady training samples/s: `kiln.train.run.prepare` + `fit` (Ray Data read -> fitted
+   preprocessing -> TorchTrainer running kiln's `train_loop_per_worker` with DeepSpeed), taken
+   from the per-epoch `samples_per_s` kiln reports, epochs >= 2; against the same model and
+   DeepSpeed config under plain `torchrun` on in-memory tensors (benchmarks/_torchrun_baseline.py),
+   also epochs >= 2.
+2. Ingest rows/s into one worker: a 1-worker TorchTrainer iterating `iter_torch_batches` over
+   `read_dataset -> preprocess_dataset` through kiln's DataConfig, no training; against one process
+   reading the same files with pyarrow into numpy.
+
+`--knobs key=value,...` measures kiln with Ray Data settings the library does not expose yet,
+applied by monkeypatching here (nothing under platform/ changes): read_blocks, block_mb,
+pre_batch, prefetch, preserve_order, shuffle_buffer. See benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import functools
+import json
+import logging
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from kiln.config.spec import JobSpec, PreprocessSpec
+from kiln.data.preprocess import Preprocessor, fit_preprocessor, merge_stats, partial_stats
+from kiln.data.source import check_data
+
+logger = logging.getLogger("kiln.bench")
+
+HERE = Path(__file__).resolve().parent
+TRAIN_GOAL, INGEST_GOAL = 0.95, 0.85
+
+
+# ----------------------------------------------------------------------------------------------
+# Knobs: Ray Data settings measured by patching (None = what kiln does today)
+
+
+@dataclasses.dataclass(frozen=True)
+class Knobs:
+    read_blocks: int | None = None
+    """`override_num_blocks` for read_dataset (kiln passes none: Ray decides)."""
+    block_mb: float | None = None
+    """DataContext.target_max_block_size in MB (Ray's default: 128)."""
+    pre_batch: int | None = 4096
+    """preprocess_dataset batch_size (kiln: 4096); 0 = whole blocks, fused into the read."""
+    prefetch: int = 2
+    """iter_torch_batches prefetch_batches in the worker (kiln: 2)."""
+    preserve_order: bool = True
+    """ExecutionOptions.preserve_order for the training split (kiln: True)."""
+    shuffle_buffer: int | None = None
+    """local_shuffle_buffer_size in micro-batches (kiln: 8 when train.shuffle)."""
+
+    @classmethod
+    def parse(cls, text: str) -> Knobs:
+        """'read_blocks=16,block_mb=8' -> Knobs; values parsed as JSON ('none' -> None)."""
+        values: dict[str, Any] = {}
+        names = {field.name for field in dataclasses.fields(cls)}
+        for item in filter(None, text.split(",")):
+            key, _, raw = item.partition("=")
+            if key not in names:
+                raise SystemExit(f"--knobs: unknown knob {key!r}; choose from {sorted(names)}")
+            values[key] = None if raw.lower() == "none" else json.loads(raw.lower())
+        return cls(**values)
+
+    def label(self) -> str:
+        changed = [
+            f"{f.name}={getattr(self, f.name)}"
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) != f.default
+        ]
+        return ",".join(changed) or "kiln as is"
+
+    @property
+    def default(self) -> bool:
+        return self == Knobs()
+
+
+@contextlib.contextmanager
+def driver_knobs(knobs: Knobs) -> Iterator[None]:
+    """Patch the dataset-building side of kiln (driver) for `knobs`; undone on exit."""
+    import ray.data
+
+    import kiln.train.ingest
+    import kiln.train.run
+    from kiln.data.pipeline import preprocess_dataset
+    from kiln.data.source import read_dataset
+
+    context = ray.data.DataContext.get_current()
+    saved_block = context.target_max_block_size
+    saved = (kiln.train.run.read_dataset, kiln.train.run.preprocess_dataset)
+    saved_config = kiln.train.ingest.ValidationExactDataConfig
+    if knobs.block_mb is not None:
+        context.target_max_block_size = int(knobs.block_mb * 2**20)
+    if knobs.read_blocks is not None:
+        kiln.train.run.read_dataset = functools.partial(
+            read_dataset, override_num_blocks=knobs.read_blocks
+        )
+    if knobs.pre_batch != 4096:
+        kiln.train.run.preprocess_dataset = functools.partial(
+            preprocess_dataset, batch_size=knobs.pre_batch or None
+        )
+    if not knobs.preserve_order:
+        kiln.train.ingest.ValidationExactDataConfig = _unordered_config()
+    try:
+        yield
+    finally:
+        context.target_max_block_size = saved_block
+        kiln.train.run.read_dataset, kiln.train.run.preprocess_dataset = saved
+        kiln.train.ingest.ValidationExactDataConfig = saved_config
+
+
+def _unordered_config() -> type:
+    from kiln.train.ingest import ValidationExactDataConfig
+
+    class UnorderedTrainConfig(ValidationExactDataConfig):
+        """A copy of kiln's `configure` with preserve_order left off for the training split."""
+
+        def configure(  # type: ignore[override]
+            self,
+            datasets: dict[str, Any],
+            world_size: int,
+            worker_handles: Any,
+            worker_node_ids: Any,
+            **kwargs: Any,
+        ) -> list[dict[str, Any]]:
+            output: list[dict[str, Any]] = [{} for _ in range(world_size)]
+            hints = worker_node_ids if self._enable_shard_locality else None
+            for name, dataset in datasets.items():
+                if dataset.name is None:
+                    dataset.set_name(name)
+                ds = dataset.copy(dataset)
+                ds.context.execution_options = self._resolve_execution_options(name)
+                ds.context.execution_options.preserve_order = name != "train"
+                splits = ds.streaming_split(
+                    world_size, equal=(name == "train"), locality_hints=hints
+                )
+                for rank, split in enumerate(splits):
+                    output[rank][name] = split
+            return output
+
+    return UnorderedTrainConfig
+
+
+def worker_knobs(knobs: Knobs) -> None:
+    """Inside a Ray Train worker: route iter_torch_batches through `knobs`."""
+    from ray.data.iterator import DataIterator
+
+    original = DataIterator.iter_torch_batches
+    if getattr(original, "_kiln_bench", False):
+        return
+
+    def patched(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("batch_size") != 4096:  # the training loop, not evaluation
+            kwargs["prefetch_batches"] = knobs.prefetch
+            if knobs.shuffle_buffer is not None and kwargs.get("local_shuffle_buffer_size"):
+                kwargs["local_shuffle_buffer_size"] = knobs.shuffle_buffer * kwargs["batch_size"]
+        return original(self, *args, **kwargs)
+
+    patched._kiln_bench = True  # type: ignore[attr-defined]
+    DataIterator.iter_torch_batches = patched  # type: ignore[method-assign]
+
+
+def _loop_with_knobs(config: dict[str, Any], knobs: Knobs) -> None:
+    from kiln.train.loop import train_loop_per_worker
+
+    worker_knobs(knobs)
+    train_loop_per_worker(config)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data and spec
+
+
+def ensure_data(args: argparse.Namespace) -> Path:
+    """The synthetic dataset for these sizes, written once under --data and reused."""
+    from kiln.data.examples import write_synth
+
+    out = Path(args.data) / f"synth-{args.rows}x{args.features}-c{args.classes}-s{args.shards}"
+    if not (out / "train").is_dir():
+        logger.info("writing %d x %d synthetic rows to %s (once)", args.rows, args.features, out)
+        write_synth(
+            out, rows=args.rows, features=args.features, classes=args.classes, shards=args.shards
+        )
+    return out
+
+
+def bench_spec(args: argparse.Namespace, data: Path, storage: Path) -> JobSpec:
+    """The benchmarked job: tabular_mlp on DeepSpeed ZeRO-2 fp32, gloo, every epoch reported."""
+    return JobSpec.model_validate(
+        {
+            "name": "kiln-bench",
+            "data": {
+                "train": str(data / "train"),
+                # One test shard keeps per-epoch evaluation short; it is not timed anyway.
+                "validation": str(data / "test" / "part-00000.parquet"),
+                "label": "label",
+            },
+            "model": {"kind": "tabular_mlp", "hidden_sizes": args.hidden},
+            "train": {
+                "epochs": args.epochs,
+                "batch_size": args.batch_size,
+                "num_workers": args.workers,
+                "lr": 1e-3,
+                "log_every": 10**6,
+                "storage": str(storage / "runs"),
+                # Every epoch's metrics come back only with a kept checkpoint (Train V2).
+                "keep_checkpoints": args.epochs,
+                "max_failures": 0,
+                "deepspeed": {"zero_stage": 2, "precision": "fp32"},
+            },
+            "registry": str(storage / "registry"),
+        }
+    )
+
+
+def fit_local(spec: JobSpec) -> Preprocessor:
+    """Fit kiln's Preprocessor with pyarrow alone (the same partial statistics kiln merges)."""
+    train_info, _ = check_data(spec.data)
+    numeric, categorical = list(train_info.numeric), list(train_info.categorical)
+    columns = [*train_info.features, spec.data.label]
+    parts = [
+        partial_stats(
+            pq.read_table(path, columns=columns),
+            numeric=numeric,
+            categorical=categorical,
+            label=spec.data.label,
+            task=spec.data.task,
+            sample_size=0,
+        )
+        for path in train_info.files.paths
+    ]
+    return fit_preprocessor(
+        merge_stats(parts),
+        spec.data.preprocess or PreprocessSpec(),
+        features=list(train_info.features),
+        numeric=numeric,
+        categorical=categorical,
+        label=spec.data.label,
+        task=spec.data.task,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# References: torchrun and pyarrow
+
+
+def run_torchrun(spec: JobSpec, pre: Preprocessor, workdir: Path) -> dict[str, Any]:
+    """Train under `torchrun --nproc_per_node W`; per-epoch figures from rank 0."""
+    job, pre_file, out = workdir / "job.json", workdir / "pre.json", workdir / "torchrun.json"
+    job.write_text(spec.model_dump_json())
+    pre_file.write_text(json.dumps(pre.to_dict()))
+    torchrun = Path(sys.executable).with_name("torchrun")
+    command = [
+        str(torchrun),
+        "--standalone",
+        f"--nproc_per_node={spec.train.num_workers}",
+        str(HERE / "_torchrun_baseline.py"),
+        *("--job", str(job), "--preprocessor", str(pre_file), "--out", str(out)),
+    ]
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+    if done.returncode != 0:
+        raise RuntimeError(f"torchrun failed ({done.returncode}):\n{done.stderr[-4000:]}")
+    result: dict[str, Any] = json.loads(out.read_text())
+    result["wall_s"] = time.perf_counter() - started
+    return result
+
+
+def pyarrow_read(files: list[str], columns: list[str], label: str, repeats: int) -> dict[str, Any]:
+    """One process: pq.read_table each file, features into one float32 matrix, label to numpy."""
+    features = [name for name in columns if name != label]
+    rates, rows = [], 0
+    for _ in range(repeats + 1):  # the first pass only warms the page cache
+        start, rows = time.perf_counter(), 0
+        for path in files:
+            table = pq.read_table(path, columns=columns)
+            x = np.empty((table.num_rows, len(features)), dtype=np.float32)
+            for j, name in enumerate(features):
+                x[:, j] = table.column(name).to_numpy()
+            y = table.column(label).to_numpy()
+            rows += len(y)
+        rates.append(rows / (time.perf_counter() - start))
+    return {"rows": rows, "rows_per_s": statistics.median(rates[1:]), "runs": rates[1:]}
+
+
+def pyarrow_transform(files: list[str], columns: list[str], pre: Preprocessor) -> float:
+    """Rows/s of one process reading with pyarrow and applying kiln's transform (reference)."""
+    start, rows = time.perf_counter(), 0
+    for path in files:
+        rows += len(pre.transform(pq.read_table(path, columns=columns))["y"])
+    return rows / (time.perf_counter() - start)
+
+
+# ----------------------------------------------------------------------------------------------
+# kiln under Ray
+
+
+@contextlib.contextmanager
+def local_ray() -> Iterator[None]:
+    """kiln's own local Ray, shut down however the benchmark ends (Ctrl-C, SIGTERM, error)."""
+    import ray
+
+    from kiln.cluster import connect
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    connect(None)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        signal.signal(signal.SIGTERM, previous)
+
+
+def kiln_train(spec: JobSpec, knobs: Knobs, run_dir: Path) -> dict[str, Any]:
+    """The real driver path (check, plan, prepare, fit); per-epoch metrics from the Result."""
+    import ray
+
+    import kiln.train.loop
+    from kiln.cluster import plan_training
+    from kiln.train.run import fit, prepare
+
+    started = time.perf_counter()
+    check = check_data(spec.data)
+    resources = ray.cluster_resources()
+    plan = plan_training(spec.train, cluster_cpus=float(resources.get("CPU", 0)), cluster_gpus=0)
+    original_loop = kiln.train.loop.train_loop_per_worker
+    if knobs.prefetch != 2 or knobs.shuffle_buffer is not None:
+        kiln.train.loop.train_loop_per_worker = functools.partial(_loop_with_knobs, knobs=knobs)
+    try:
+        with driver_knobs(knobs):
+            prepared = prepare(spec, plan, check)
+            prepared_s = time.perf_counter() - started
+            result = fit(spec, prepared, plan, str(run_dir))
+    finally:
+        kiln.train.loop.train_loop_per_worker = original_loop
+    epochs = sorted((metrics for _, metrics in result.best_checkpoints), key=lambda m: m["epoch"])
+    return {
+        "epochs": [
+            {k: m[k] for k in ("epoch", "samples_per_s", "train_loss", "val_accuracy")}
+            for m in epochs
+        ],
+        "prepare_s": prepared_s,
+        "wall_s": time.perf_counter() - started,
+        "plan": plan.describe(),
+        "preprocessor": prepared.preprocessor.to_dict(),
+    }
+
+
+def _ingest_loop(config: dict[str, Any]) -> None:
+    """A Ray Train worker that only iterates its shard, the way kiln's loop does, and times it."""
+    import ray.train
+
+    shard = ray.train.get_dataset_shard("train")
+    micro, buffer = config["micro_batch"], config["shuffle_buffer"]
+    for epoch in range(1, config["epochs"] + 1):
+        start, rows, first = time.perf_counter(), 0, None
+        batches = shard.iter_torch_batches(
+            batch_size=micro,
+            local_shuffle_buffer_size=buffer * micro if buffer else None,
+            local_shuffle_seed=epoch if buffer else None,
+            prefetch_batches=config["prefetch"],
+        )
+        for batch in batches:
+            if first is None:
+                first = time.perf_counter() - start
+            rows += len(batch["y"])
+        elapsed = time.perf_counter() - start
+        metrics = {"epoch": epoch, "rows": rows, "seconds": elapsed, "first_batch_s": first}
+        with tempfile.TemporaryDirectory() as tmp:
+            Path(tmp, "metrics.json").write_text(json.dumps(metrics))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def kiln_ingest(
+    spec: JobSpec, pre: Preprocessor, knobs: Knobs, epochs: int, run_dir: Path
+) -> dict[str, Any]:
+    """Rows/s one Ray Train worker gets from read_dataset -> preprocess_dataset (no training)."""
+    import ray
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    import kiln.train.ingest
+    import kiln.train.run
+    from kiln.cluster import plan_training
+
+    one = spec.train.model_copy(update={"num_workers": 1})
+    resources = ray.cluster_resources()
+    plan = plan_training(one, cluster_cpus=float(resources.get("CPU", 0)), cluster_gpus=0)
+    info, _ = check_data(spec.data)
+    with driver_knobs(knobs):
+        # The same calls `prepare` makes, through the (possibly patched) names it uses.
+        remote = {"num_cpus": plan.data_task_cpus}
+        columns = [*info.features, spec.data.label]
+        ds = kiln.train.run.read_dataset(info.files, columns=columns, ray_remote_args=remote)
+        ds = kiln.train.run.preprocess_dataset(ds, pre, num_cpus=plan.data_task_cpus)
+        micro = spec.train.batch_size // (spec.train.num_workers * spec.train.deepspeed.grad_accum)
+        buffer = knobs.shuffle_buffer if knobs.shuffle_buffer is not None else 8
+        trainer = TorchTrainer(
+            _ingest_loop,
+            train_loop_config={
+                "epochs": epochs,
+                "micro_batch": micro,
+                "shuffle_buffer": buffer if spec.train.shuffle else 0,
+                "prefetch": knobs.prefetch,
+            },
+            scaling_config=ScalingConfig(num_workers=1, resources_per_worker=plan.worker_resources),
+            torch_config=TorchConfig(backend="gloo"),
+            datasets={"train": ds},
+            dataset_config=kiln.train.ingest.ValidationExactDataConfig(),
+            run_config=RunConfig(
+                name=run_dir.name,
+                storage_path=str(run_dir.parent),
+                checkpoint_config=CheckpointConfig(num_to_keep=None),
+            ),
+        )
+        result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    runs = sorted((m for _, m in result.best_checkpoints), key=lambda m: m["epoch"])
+    return {"epochs": runs, "micro_batch": micro, "plan": plan.describe()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Figures
+
+
+def steady_rate(epochs: list[dict[str, Any]], key: str = "samples_per_s") -> float:
+    """Harmonic mean over epochs >= 2 (equal-sized epochs: total samples / total seconds)."""
+    rates = [e[key] for e in epochs if e["epoch"] >= 2] or [e[key] for e in epochs]
+    return statistics.harmonic_mean(rates)
+
+
+def ingest_rate(epochs: list[dict[str, Any]]) -> float:
+    steady = [e for e in epochs if e["epoch"] >= 2] or epochs
+    return sum(e["rows"] for e in steady) / sum(e["seconds"] for e in steady)
+
+
+def human(rate: float) -> str:
+    return f"{rate / 1e6:.2f}M" if rate >= 1e6 else f"{rate:,.0f}"
+
+
+def report(results: dict[str, Any], args: argparse.Namespace) -> None:
+    print("\n== kiln benchmark", time.strftime("%Y-%m-%d %H:%M"), "==")
+    print(
+        f"data: {results['rows']:,} training rows x {args.features} features, {args.classes} "
+        f"classes; batch {args.batch_size} over {args.workers} workers; epochs {args.epochs}"
+    )
+    train = results.get("train")
+    if train:
+        header = "  ".join(f"epoch {e['epoch']:<3}" for e in train["torchrun"])
+        print(f"\ntraining samples/s     {header}")
+        for name, run in train.items():
+            cells = "  ".join(f"{human(e['samples_per_s']):<9}" for e in run)
+            print(f"  {name:<20} {cells}")
+    ingest = results.get("ingest")
+    if ingest:
+        print("\ningest into one worker (rows/s per epoch; first batch s)")
+        for name, run in ingest.items():
+            if name.startswith("pyarrow"):
+                print(f"  {name:<34} {human(run):>8}")
+                continue
+            cells = "  ".join(
+                f"{human(e['rows'] / e['seconds']):>7} ({e['first_batch_s']:.1f}s)" for e in run
+            )
+            print(f"  {name:<34} {cells}")
+    print()
+    if train:
+        base = steady_rate(train["torchrun"])
+        for name, run in train.items():
+            if name == "torchrun":
+                continue
+            kiln = steady_rate(run)
+            print(
+                f"train samples/s: {name} {kiln:,.0f}, torchrun {base:,.0f}, "
+                f"ratio {kiln / base:.2f} (goal >= {TRAIN_GOAL})"
+            )
+    if ingest:
+        base = ingest["pyarrow (read + numpy)"]
+        for name, run in ingest.items():
+            if name.startswith("pyarrow"):
+                continue
+            kiln = ingest_rate(run)
+            print(
+                f"ingest rows/s: {name} {human(kiln)}, pyarrow {human(base)}, "
+                f"ratio {kiln / base:.2f} (goal >= {INGEST_GOAL})"
+            )
+
+
+SWEEP = [
+    "",
+    "read_blocks=16",
+    "block_mb=8",
+    "read_blocks=64,block_mb=8",
+    "read_blocks=64,block_mb=8,pre_batch=0",
+    "read_blocks=64,block_mb=8,pre_batch=0,preserve_order=false",
+    "read_blocks=64,block_mb=8,pre_batch=0,prefetch=8",
+    "read_blocks=64,block_mb=8,pre_batch=0,shuffle_buffer=0",
+]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", default="/tmp/kiln-bench", help="dataset cache directory")
+    parser.add_argument("--rows", type=int, default=2_000_000, help="rows (train + 10%% test)")
+    parser.add_argument("--features", type=int, default=32)
+    parser.add_argument("--classes", type=int, default=4)
+    parser.add_argument("--shards", type=int, default=16, help="parquet files per split")
+    parser.add_argument("--epochs", type=int, default=3, help="training epochs (>= 2 timed)")
+    parser.add_argument("--ingest-epochs", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=1024, help="global batch")
+    parser.add_argument("--hidden", type=int, nargs="+", default=[128, 64])
+    parser.add_argument("--only", choices=("train", "ingest"), help="run one of the two figures")
+    parser.add_argument(
+        "--knobs",
+        action="append",
+        default=[],
+        help="also measure kiln with these knobs (repeatable), e.g. read_blocks=64,block_mb=8",
+    )
+    parser.add_argument("--sweep", action="store_true", help="ingest: try the built-in knob list")
+    parser.add_argument("--json", help="write every figure here as JSON")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[bench] %(message)s")
+
+    data = ensure_data(args)
+    workdir = Path(tempfile.mkdtemp(prefix="kiln-bench-"))
+    spec = bench_spec(args, data, workdir)
+    info, _ = check_data(spec.data)
+    files, columns = list(info.files.paths), [*info.features, spec.data.label]
+    variants = [Knobs(), *(Knobs.parse(text) for text in args.knobs)]
+    if args.sweep:
+        variants = [Knobs.parse(text) for text in SWEEP]
+    results: dict[str, Any] = {"rows": info.num_rows, "args": vars(args)}
+    try:
+        pre = fit_local(spec)
+        if args.only != "ingest":
+            logger.info("torchrun reference...")
+            results["train"] = {"torchrun": run_torchrun(spec, pre, workdir)["epochs"]}
+        if args.only != "train":
+            logger.info("pyarrow reference...")
+            results["ingest"] = {
+                "pyarrow (read + numpy)": pyarrow_read(files, columns, "label", 3)["rows_per_s"],
+                "pyarrow (+ kiln transform)": pyarrow_transform(files, columns, pre),
+            }
+        with local_ray():
+            for i, knobs in enumerate(variants):
+                name = "kiln" if knobs.default else f"kiln[{knobs.label()}]"
+                if args.only != "ingest" and not args.sweep:
+                    logger.info("kiln training: %s", knobs.label())
+                    run = kiln_train(spec, knobs, workdir / "runs" / f"train-{i}")
+                    results["train"][name] = run["epochs"]
+                if args.only != "train":
+                    logger.info("kiln ingest: %s", knobs.label())
+                    run = kiln_ingest(spec, pre, knobs, args.ingest_epochs, workdir / f"ingest-{i}")
+                    results["ingest"][name] = run["epochs"]
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    report(results, args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    sys.exit(main())
