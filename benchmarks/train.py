@@ -57,7 +57,10 @@ TRAIN_GOAL, INGEST_GOAL = 0.95, 0.85
 @dataclasses.dataclass(frozen=True)
 class Knobs:
     read_blocks: int | None = None
-    """`override_num_blocks` for read_dataset (kiln passes none: Ray decides)."""
+    """`override_num_blocks` for read_dataset (kiln passes none: Ray decides). Ray 2.60's
+    parquet reader (datasource V2) ignores it; it applies with v1_read."""
+    v1_read: bool = False
+    """Build the read with DataContext.use_datasource_v2 off (Ray's V1 parquet reader)."""
     block_mb: float | None = None
     """DataContext.target_max_block_size in MB (Ray's default: 128)."""
     pre_batch: int | None = 4096
@@ -105,11 +108,13 @@ def driver_knobs(knobs: Knobs) -> Iterator[None]:
     from kiln.data.source import read_dataset
 
     context = ray.data.DataContext.get_current()
-    saved_block = context.target_max_block_size
+    saved_block, saved_v2 = context.target_max_block_size, context.use_datasource_v2
     saved = (kiln.train.run.read_dataset, kiln.train.run.preprocess_dataset)
     saved_config = kiln.train.ingest.ValidationExactDataConfig
     if knobs.block_mb is not None:
         context.target_max_block_size = int(knobs.block_mb * 2**20)
+    if knobs.v1_read:
+        context.use_datasource_v2 = False
     if knobs.read_blocks is not None:
         kiln.train.run.read_dataset = functools.partial(
             read_dataset, override_num_blocks=knobs.read_blocks
@@ -123,7 +128,7 @@ def driver_knobs(knobs: Knobs) -> Iterator[None]:
     try:
         yield
     finally:
-        context.target_max_block_size = saved_block
+        context.target_max_block_size, context.use_datasource_v2 = saved_block, saved_v2
         kiln.train.run.read_dataset, kiln.train.run.preprocess_dataset = saved
         kiln.train.ingest.ValidationExactDataConfig = saved_config
 
@@ -510,13 +515,13 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
 
 SWEEP = [
     "",
-    "read_blocks=16",
     "block_mb=8",
-    "read_blocks=64,block_mb=8",
-    "read_blocks=64,block_mb=8,pre_batch=0",
-    "read_blocks=64,block_mb=8,pre_batch=0,preserve_order=false",
-    "read_blocks=64,block_mb=8,pre_batch=0,prefetch=8",
-    "read_blocks=64,block_mb=8,pre_batch=0,shuffle_buffer=0",
+    "block_mb=8,pre_batch=0",
+    "v1_read=true,read_blocks=32,pre_batch=0",
+    "v1_read=true,read_blocks=32,pre_batch=0,block_mb=8",
+    "v1_read=true,read_blocks=32,pre_batch=0,preserve_order=false",
+    "v1_read=true,read_blocks=32,pre_batch=0,prefetch=8",
+    "v1_read=true,read_blocks=32,pre_batch=0,shuffle_buffer=0",
 ]
 
 

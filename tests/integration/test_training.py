@@ -201,10 +201,10 @@ def test_regression_with_categoricals_split_and_dedupe(tmp_path: Path) -> None:
                 "batch_size": 64,
                 "lr": 0.003,
                 "num_workers": 2,
-                "storage": str(tmp_path / "runs"),
+                "storage": (tmp_path / "runs").as_uri(),  # URIs work as well as paths
                 "deepspeed": {"zero_stage": 1},
             },
-            "registry": str(tmp_path / "registry"),
+            "registry": (tmp_path / "registry").as_uri(),
         }
     )
     outcome = run(spec)

@@ -33,6 +33,10 @@ from safetensors import SafetensorError
 
 from kiln.errors import RegistryError
 from kiln.registry.lineage import environment
+from kiln.storage import is_uri
+from kiln.storage import join as _join
+from kiln.storage import read_bytes as _read_bytes
+from kiln.storage import write_bytes as _write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +51,6 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _ALIAS_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
 _FILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _VERSION_RE = re.compile(r"^[1-9][0-9]*$")
-_URI_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _MAX_ATTEMPTS = 100
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
 _REF_FORMS = "expected NAME, NAME:VERSION or NAME@ALIAS (e.g. digits-mlp:3, digits-mlp@production)"
@@ -444,7 +447,7 @@ def _open_root(root: str, filesystem: pafs.FileSystem | None) -> tuple[Any, str,
     """(filesystem, path inside it, base for version URIs) for a registry root."""
     if filesystem is not None:
         return filesystem, root, root
-    if _URI_RE.match(root):
+    if is_uri(root):
         try:
             fs, path = pafs.FileSystem.from_uri(root)
         except (ValueError, OSError) as exc:
@@ -605,21 +608,6 @@ def _dumps(doc: dict[str, Any], what: str) -> bytes:
 def _listing(items: list[Any], limit: int = 20) -> str:
     shown = ", ".join(str(i) for i in items[:limit])
     return shown if len(items) <= limit else f"{shown}, ... ({len(items)} in all)"
-
-
-def _read_bytes(fs: Any, path: str) -> bytes:
-    with fs.open_input_stream(path, compression=None) as f:
-        return bytes(f.read())
-
-
-def _write_bytes(fs: Any, path: str, data: bytes) -> None:
-    # compression=None: pyarrow would otherwise gzip a file whose name ends in .gz.
-    with fs.open_output_stream(path, compression=None) as f:
-        f.write(data)
-
-
-def _join(base: str, *parts: str) -> str:
-    return "/".join([base.rstrip("/"), *parts]) if base else "/".join(parts)
 
 
 def _sha256(data: bytes) -> str:

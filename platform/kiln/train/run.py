@@ -10,19 +10,20 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import yaml
 
+from kiln import storage
 from kiln.cluster import ResourcePlan, connect, plan_training
 from kiln.config import JobSpec, dump_spec, spec_hash, validate_spec
 from kiln.data.pipeline import dedupe as dedupe_dataset
 from kiln.data.pipeline import fit_on_dataset, preprocess_dataset, split_by_hash
 from kiln.data.preprocess import Preprocessor
-from kiln.data.source import DataInfo, check_data, read_dataset
+from kiln.data.source import DataInfo, check_data, read_dataset, resolve_files
 from kiln.errors import KilnError, TrainingError
 from kiln.registry import ModelVersion, Registry
 from kiln.train.export import register_checkpoint
@@ -66,15 +67,13 @@ def run(spec: JobSpec, *, resume: str | None = None, address: str | None = None)
     if resume:
         spec, run_dir, saved = _load_run(resume)
     else:
-        run_dir = str(
-            Path(spec.train.storage).resolve() / f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        )
+        run_dir = storage.join(_storage_root(spec), f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}")
         saved = None
     check = check_data(spec.data)
     connect(address)
     plan = _plan(spec)
     logger.info("resources: %s", plan.describe())
-    prepared = prepare(spec, plan, check, preprocessor=saved)
+    prepared = prepare(spec, plan, check, run_dir=run_dir, preprocessor=saved)
     if saved is None:
         _save_run(spec, run_dir, prepared)
     result = fit(spec, prepared, plan, run_dir)
@@ -86,9 +85,14 @@ def prepare(
     plan: ResourcePlan,
     check: tuple[DataInfo, DataInfo | None],
     *,
+    run_dir: str,
     preprocessor: Preprocessor | None = None,
 ) -> Prepared:
-    """Build the lazy Ray datasets, and fit preprocessing on the training split unless given."""
+    """Build the lazy Ray datasets, and fit preprocessing on the training split unless given.
+
+    De-duplication is a shuffle, so its result is written once under `run_dir` (and reused
+    by --resume) instead of being recomputed every epoch.
+    """
     train_info, val_info = check
     data = spec.data
     columns = [*train_info.features, data.label]
@@ -106,7 +110,7 @@ def prepare(
             num_cpus=plan.data_task_cpus,
         )
     if data.preprocess.dedupe:
-        train_ds = dedupe_dataset(train_ds, columns=columns, num_cpus=plan.data_task_cpus)
+        train_ds = _deduped_copy(train_ds, columns, storage.join(run_dir, "data", "train"), remote)
     fitted, stats = fit_on_dataset(
         train_ds,
         data.preprocess,
@@ -130,6 +134,20 @@ def prepare(
         "validation": preprocess_dataset(val_ds, pre, num_cpus=plan.data_task_cpus),
     }
     return Prepared(train_info, val_info, pre, stats, rows, datasets)
+
+
+def _deduped_copy(ds: Any, columns: list[str], location: str, remote: dict[str, float]) -> Any:
+    fs, path = storage.open_location(location, field="train.storage")
+    if not storage.exists(fs, path):
+        staging = path + ".staging"
+        if storage.exists(fs, staging):  # left by an interrupted earlier attempt
+            fs.delete_dir(staging)
+        dedupe_dataset(ds, columns=columns, num_cpus=remote["num_cpus"]).write_parquet(
+            staging, filesystem=fs
+        )
+        fs.move(staging, path)
+    files = resolve_files(location, "parquet", field="data.preprocess.dedupe")
+    return read_dataset(files, columns=columns, ray_remote_args=remote)
 
 
 def fit(spec: JobSpec, prepared: Prepared, plan: ResourcePlan, run_dir: str) -> Any:
@@ -165,8 +183,8 @@ def fit(spec: JobSpec, prepared: Prepared, plan: ResourcePlan, run_dir: str) -> 
         datasets=prepared.datasets,
         dataset_config=ValidationExactDataConfig(),
         run_config=RunConfig(
-            name=Path(run_dir).name,
-            storage_path=str(Path(run_dir).parent),
+            name=run_dir.rstrip("/").rsplit("/", 1)[1],
+            storage_path=run_dir.rstrip("/").rsplit("/", 1)[0],
             checkpoint_config=CheckpointConfig(
                 num_to_keep=train.keep_checkpoints,
                 checkpoint_score_attribute=spec.metric,
@@ -240,21 +258,28 @@ def _label_scale(pre: Preprocessor) -> dict[str, float]:
     return {"label_mean": pre.label.mean, "label_std": pre.label.std}
 
 
+def _storage_root(spec: JobSpec) -> str:
+    """train.storage as Ray Train takes it: an absolute local path or the URI as given."""
+    location = spec.train.storage
+    return location if storage.is_uri(location) else os.path.abspath(location)
+
+
 def _save_run(spec: JobSpec, run_dir: str, prepared: Prepared) -> None:
-    directory = Path(run_dir)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / SPEC_FILE).write_text(dump_spec(spec))
+    """Write the spec and fitted preprocessing beside the checkpoints, for --resume."""
+    fs, path = storage.open_location(run_dir, field="train.storage")
+    fs.create_dir(path, recursive=True)
+    storage.write_bytes(fs, storage.join(path, SPEC_FILE), dump_spec(spec).encode())
     run_file = {"preprocessing": prepared.preprocessor.to_dict(), "stats": prepared.stats}
-    tmp = directory / f".{RUN_FILE}.tmp"
-    tmp.write_text(json.dumps(run_file))
-    tmp.rename(directory / RUN_FILE)
+    storage.write_bytes(fs, storage.join(path, RUN_FILE), json.dumps(run_file).encode())
 
 
 def _load_run(run_dir: str) -> tuple[JobSpec, str, Preprocessor]:
-    directory = Path(run_dir).resolve()
-    spec_path, run_path = directory / SPEC_FILE, directory / RUN_FILE
-    if not spec_path.is_file() or not run_path.is_file():
+    location = run_dir if storage.is_uri(run_dir) else os.path.abspath(run_dir)
+    fs, path = storage.open_location(location, field="--resume")
+    spec_path, run_path = storage.join(path, SPEC_FILE), storage.join(path, RUN_FILE)
+    if not (storage.exists(fs, spec_path) and storage.exists(fs, run_path)):
         raise KilnError(f"--resume {run_dir}: not a kiln run directory (no {SPEC_FILE}/{RUN_FILE})")
-    spec = validate_spec(yaml.safe_load(spec_path.read_text()), source=str(spec_path))
-    saved = json.loads(run_path.read_text())
-    return spec, str(directory), Preprocessor.from_dict(saved["preprocessing"])
+    raw = yaml.safe_load(storage.read_bytes(fs, spec_path))
+    spec = validate_spec(raw, source=f"{run_dir}/{SPEC_FILE}")
+    saved = json.loads(storage.read_bytes(fs, run_path))
+    return spec, location.rstrip("/"), Preprocessor.from_dict(saved["preprocessing"])
