@@ -18,4 +18,5 @@ class RegistryError(KilnError):
 
 
 class TrainingError(KilnError):
-    """Training could not finish (for example every retry after a worker failure was used)."""
+    """Training could not finish (for example every retry after a worker failure was used).
+    The CLI exits 1 for these, 2 for the other user errors."""

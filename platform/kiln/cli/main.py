@@ -1,7 +1,8 @@
 """The `kiln` command line. Parses arguments, calls into the library, prints results.
 
-User errors (KilnError) print one line without a traceback and exit 2; training that fails for
-another reason exits 1 with its traceback.
+User errors (KilnError) print one line without a traceback and exit 2; a training run that
+failed (TrainingError, e.g. every retry after worker failures used up) exits 1; bugs keep their
+traceback.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from kiln import __version__
-from kiln.errors import KilnError
+from kiln.errors import KilnError, TrainingError
 
 DEFAULT_REGISTRY = "./.kiln/registry"
 
@@ -28,6 +29,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)
+    except TrainingError as exc:
+        print(f"kiln: training failed: {exc}", file=sys.stderr)
+        return 1
     except KilnError as exc:
         print(f"kiln: error: {exc}", file=sys.stderr)
         return 2
@@ -46,11 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.set_defaults(handler=lambda _args: _print_help(parser))
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
-    from kiln.cli import data_cmd, models_cmd, train_cmd
+    from kiln.cli import data_cmd, models_cmd, score_cmd, serve_cmd, train_cmd
 
     train_cmd.add_commands(commands)
     data_cmd.add_commands(commands)
     models_cmd.add_commands(commands)
+    score_cmd.add_commands(commands)
+    serve_cmd.add_commands(commands)
     return parser
 
 

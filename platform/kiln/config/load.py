@@ -24,17 +24,7 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
     Raises:
         SpecError: unreadable file, bad YAML, bad override or a field that fails validation.
     """
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise SpecError(f"{path}: cannot read job spec ({exc.strerror})") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise SpecError(f"{path}: not valid YAML: {exc}") from None
-    if not isinstance(raw, dict):
-        raise SpecError(f"{path}: a job spec is a YAML mapping, got {type(raw).__name__}")
+    raw = read_yaml_mapping(path, what="job spec")
     for item in overrides:
         apply_override(raw, item)
     return validate_spec(raw, source=str(path))
@@ -45,27 +35,58 @@ def validate_spec(raw: dict[str, Any], source: str = "job spec") -> JobSpec:
     try:
         return JobSpec.model_validate(raw)
     except ValidationError as exc:
-        raise SpecError(f"{source}: " + "; ".join(_describe(err) for err in exc.errors())) from None
+        raise SpecError(describe_validation_error(exc, source)) from None
+
+
+def read_yaml_mapping(path: str | Path, *, what: str) -> dict[str, Any]:
+    """A YAML file that must hold a mapping; SpecError names the file otherwise."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot read {what} ({exc.strerror})") from None
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: a {what} is a YAML mapping, got {type(raw).__name__}")
+    return raw
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:
-    """Set `a.b.c=value` in `raw` in place, creating intermediate mappings."""
-    key, sep, value_text = item.partition("=")
-    if not sep or not key or any(not part for part in key.split(".")):
+    """Set `a.b.c=value` in `raw` in place; a numeric part indexes a list (`models.0.ref=...`).
+
+    Raises:
+        SpecError: not `key=value`, a value that is not YAML, or a path through a value.
+    """
+    key, sep, text = item.partition("=")
+    parts = key.split(".")
+    if not sep or any(not part for part in parts):
         raise SpecError(f"override {item!r}: expected dotted.key=value")
     try:
-        value = yaml.safe_load(value_text) if value_text else ""
+        value = yaml.safe_load(text) if text else ""
     except yaml.YAMLError as exc:
         raise SpecError(f"override {item!r}: value is not valid YAML ({exc})") from None
-    node = raw
-    parts = key.split(".")
-    for depth, part in enumerate(parts[:-1]):
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            where = ".".join(parts[: depth + 1])
+    node: Any = raw
+    for depth, part in enumerate(parts):
+        where = ".".join(parts[: depth + 1])
+        last = depth == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise SpecError(f"override {item!r}: {where} is not an index of that list")
+            if last:
+                node[int(part)] = value
+            node = node[int(part)]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            node = node.setdefault(part, {})
+        else:
             raise SpecError(f"override {item!r}: {where} is a value, not a section")
-        node = child
-    node[parts[-1]] = value
+
+
+def describe_validation_error(exc: ValidationError, source: str) -> str:
+    """One line naming every failing dotted path of a pydantic error."""
+    return f"{source}: " + "; ".join(_describe(err) for err in exc.errors())
 
 
 def spec_hash(spec: JobSpec) -> str:

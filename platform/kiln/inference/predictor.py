@@ -1,0 +1,87 @@
+"""The Predictor: a registered model plus its saved preprocessing, ready to score tables.
+
+Serving and batch scoring both call `predict_table`, so the preprocessing fitted at training time
+is applied the same way everywhere and there is no train/serve skew.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from kiln.errors import DataError
+from kiln.registry import Registry
+from kiln.registry.model import RegisteredModel, load_model
+
+
+class Predictor:
+    """Score rows with a registered model.
+
+    Args:
+        registry: registry root (path or URI).
+        ref: `name`, `name:version` or `name@alias`; resolved once, at construction.
+        device: torch device, e.g. "cpu" or "cuda".
+    """
+
+    def __init__(self, registry: str, ref: str, *, device: str = "cpu") -> None:
+        self.model: RegisteredModel = load_model(Registry(registry), ref)
+        self.device = torch.device(device)
+        self.module = self.model.module.to(self.device)
+        self.preprocessor = self.model.preprocessor
+        self.schema: dict[str, Any] = self.preprocessor.input_schema()
+
+    @property
+    def ref(self) -> str:
+        """name:version of the loaded model."""
+        return self.model.ref
+
+    @property
+    def task(self) -> str:
+        """classification or regression."""
+        return str(self.schema["task"])
+
+    @property
+    def features(self) -> list[str]:
+        """Input columns, in order."""
+        return list(self.schema["features"])
+
+    @property
+    def classes(self) -> list[Any] | None:
+        """Class labels in probability-column order (classification), else None."""
+        return self.schema.get("classes")
+
+    def predict_table(self, table: pa.Table) -> dict[str, np.ndarray]:
+        """One prediction per input row.
+
+        Returns:
+            `prediction` (original label values, or the regression value on the original scale)
+            and, for classification, `probabilities` float32 (rows, classes).
+
+        Raises:
+            DataError: a feature column is missing or has the wrong type, or a row cannot be
+                scored (a missing value where the model was trained with `missing: drop`),
+                naming the row.
+        """
+        dropped = self.preprocessor.drop_mask(table, with_label=False)
+        if dropped.any():
+            rows = np.flatnonzero(dropped)[:5].tolist()
+            raise DataError(
+                f"rows {rows}: missing feature values, and the model was trained with "
+                "data.preprocess.missing: drop"
+            )
+        arrays = self.preprocessor.transform(table, with_label=False)
+        with torch.inference_mode():
+            x = torch.from_numpy(arrays["x"]).to(self.device)
+            if "x_cat" in arrays:
+                output = self.module(x, torch.from_numpy(arrays["x_cat"]).to(self.device))
+            else:
+                output = self.module(x)
+            output = output.float().cpu()
+        if self.task == "classification":
+            probabilities = torch.softmax(output, dim=-1).numpy()
+            prediction = self.preprocessor.inverse_label(probabilities.argmax(axis=1))
+            return {"prediction": prediction, "probabilities": probabilities}
+        return {"prediction": self.preprocessor.inverse_label(output.numpy())}

@@ -1,0 +1,644 @@
+"""Online serving on Ray Serve: registered models behind one FastAPI ingress.
+
+One `ModelServer` deployment per served model version (a `Predictor` with dynamic request
+batching, autoscaled), plus one `Ingress` deployment that speaks HTTP: the Open Inference Protocol
+v2 under `/v2`, a JSON `:predict` route under `/v1`, bearer-token auth, body and time limits,
+validation, the weighted canary split and error mapping. `build_app` turns a serve spec into the
+application; it is also the `import_path` of the Serve config that `serve_config` writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from typing import Any, cast
+
+import numpy as np
+import pyarrow as pa
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, Response
+from ray import serve
+from ray.serve import metrics
+from ray.serve.deployment import Application, Deployment
+from ray.serve.exceptions import BackPressureError, RayServeException
+from starlette.exceptions import HTTPException
+
+from kiln import __version__
+from kiln.errors import DataError
+from kiln.inference import oip
+from kiln.inference.oip import ModelInfo, RequestError
+from kiln.inference.predictor import Predictor
+from kiln.inference.serve_spec import (
+    ModelServeSpec,
+    ServeSpec,
+    load_token,
+    validate_serve_spec,
+)
+from kiln.registry import Registry
+from kiln.storage import is_uri
+
+logger = logging.getLogger(__name__)
+
+IMPORT_PATH = "kiln.inference.serve:build_app"
+INGRESS = "kiln-ingress"
+_LATENCY_MS = [1.0, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000]
+_BATCH_SIZES = [1.0, 2, 4, 8, 16, 32, 64, 128, 256]
+# Typed Any: ray.util.metrics annotates tag_keys as a 1-tuple.
+_VERSION_TAGS: Any = ("model", "version")
+_ROUTE_TAGS: Any = ("model", "version", "route")
+_STATUS_TAGS: Any = ("model", "version", "route", "status")
+_READY_CACHE_S = 2.0
+
+
+# ---- the model replica -------------------------------------------------------------------------
+
+
+class ModelServer:
+    """One registered model version: a Predictor with dynamic request batching.
+
+    Args:
+        registry: registry root.
+        ref: exact `name:version` (aliases are resolved by `build_app`, so replicas agree).
+        served_name: the model's name in URLs and metric tags.
+        device: torch device.
+        max_batch_size, batch_wait_timeout_s: `@serve.batch` settings.
+    """
+
+    def __init__(
+        self,
+        registry: str,
+        ref: str,
+        served_name: str,
+        device: str,
+        max_batch_size: int,
+        batch_wait_timeout_s: float,
+    ) -> None:
+        self.predictor = Predictor(registry, ref, device=device)
+        self.ref = self.predictor.ref
+        batcher: Any = self._predict_batch
+        batcher.set_max_batch_size(max_batch_size)
+        batcher.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self._tags = {"model": served_name, "version": self.ref.rsplit(":", 1)[1]}
+        self._batch_size = metrics.Histogram(
+            "kiln_batch_size",
+            description="Requests combined into one forward pass.",
+            boundaries=_BATCH_SIZES,
+            tag_keys=_VERSION_TAGS,
+        )
+        self._probe = _probe_table(self.predictor.schema)
+
+    async def predict(self, table: pa.Table) -> dict[str, Any]:
+        """Predictions for one request's rows, or `{"error": message}` for rows the model cannot
+        score (the other requests of the batch are unaffected)."""
+        return await self._predict_batch(table)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def _predict_batch(self, tables: list[pa.Table]) -> list[dict[str, Any]]:
+        self._batch_size.observe(len(tables), tags=self._tags)
+        # A worker thread runs the forward pass, so the event loop keeps filling the next batch.
+        return await asyncio.to_thread(self._run_batch, tables)
+
+    def _run_batch(self, tables: list[pa.Table]) -> list[dict[str, Any]]:
+        try:
+            merged = self.predictor.predict_table(pa.concat_tables(tables))
+        except DataError as exc:
+            if len(tables) == 1:
+                return [{"error": str(exc)}]
+            return [self._run_batch([table])[0] for table in tables]
+        results, start = [], 0
+        for table in tables:
+            stop = start + table.num_rows
+            results.append({key: value[start:stop] for key, value in merged.items()})
+            start = stop
+        return results
+
+    def ping(self) -> str:
+        """The exact ref served (readiness)."""
+        return self.ref
+
+    def check_health(self) -> None:
+        """Serve's health check: the model must still predict finite outputs for a probe row."""
+        out = self.predictor.predict_table(self._probe)
+        for key, value in out.items():
+            if value.dtype.kind == "f" and not np.isfinite(value).all():
+                raise RuntimeError(f"{self.ref}: the probe row predicts a non-finite {key}")
+
+
+def _probe_table(schema: dict[str, Any]) -> pa.Table:
+    categorical = set(schema.get("categorical") or ())
+    return pa.table(
+        {
+            f: pa.array([""], pa.string()) if f in categorical else pa.array([0.0])
+            for f in schema["features"]
+        }
+    )
+
+
+# ---- the HTTP ingress --------------------------------------------------------------------------
+
+app = FastAPI(
+    title="kiln model server",
+    version=__version__,
+    description="Open Inference Protocol v2 (KServe V2 REST) under /v2 and a JSON :predict "
+    "route under /v1. Send `Authorization: Bearer <token>` when the server has a token.",
+)
+
+
+@app.exception_handler(RequestError)
+async def _request_error(_request: Request, exc: RequestError) -> JSONResponse:
+    headers = {"www-authenticate": "Bearer", **exc.headers} if exc.status == 401 else exc.headers
+    return JSONResponse(oip.error_body(str(exc)), status_code=exc.status, headers=headers)
+
+
+@app.exception_handler(HTTPException)
+async def _http_error(_request: Request, exc: HTTPException) -> JSONResponse:
+    return JSONResponse(oip.error_body(str(exc.detail)), status_code=exc.status_code)
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    return JSONResponse(oip.error_body(str(exc.errors())), status_code=400)
+
+
+def _doc_responses(model: type, *codes: int) -> dict[int | str, dict[str, Any]]:
+    errors: dict[int | str, dict[str, Any]] = {code: {"model": oip.ErrorDoc} for code in codes}
+    return {200: {"model": model}, **errors}
+
+
+def _body_doc(model: type) -> dict[str, Any]:
+    ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+
+
+def _openapi() -> dict[str, Any]:
+    """FastAPI's document plus the request-body schemas (bodies are parsed by hand, so FastAPI
+    does not see them)."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    document = get_openapi(
+        title=app.title, version=app.version, description=app.description, routes=app.routes
+    )
+    schemas = document.setdefault("components", {}).setdefault("schemas", {})
+    for model in (oip.InferRequestDoc, oip.PredictRequestDoc):
+        defs = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(defs.pop("$defs", {}))
+        schemas[model.__name__] = defs
+    app.openapi_schema = document
+    return document
+
+
+app.openapi = _openapi  # type: ignore[method-assign]
+_ERRORS = (400, 401, 404, 413, 503, 504)
+
+
+@dataclass
+class _Variant:
+    info: ModelInfo
+    weight: float
+    handle: Any
+
+
+@dataclass
+class _Served:
+    name: str
+    variants: list[_Variant]
+
+    def pick(self, version: str | None) -> _Variant:
+        """The variant for an explicit version, else a weighted random one (the canary split)."""
+        if version is None:
+            weights = [v.weight for v in self.variants]
+            return random.choices(self.variants, weights=weights)[0]
+        for variant in self.variants:
+            if variant.info.version == version:
+                return variant
+        served = ", ".join(v.info.version for v in self.variants)
+        raise RequestError(
+            404, f"model {self.name!r} has no version {version!r}; served versions: {served}"
+        )
+
+
+class Ingress:
+    """HTTP in front of the model deployments: auth, limits, validation, canary, errors.
+
+    Args:
+        spec: the serve spec as JSON (`ServeSpec.model_dump(mode="json")`).
+        routes: per served model, `{"name", "variants": [{"ref", "weight", "schema",
+            "handle"}]}` with a deployment handle per version.
+    """
+
+    def __init__(self, spec: dict[str, Any], routes: list[dict[str, Any]]) -> None:
+        self.spec = validate_serve_spec(spec, "ingress spec")
+        self._token = load_token(self.spec.auth)
+        self.models = {
+            route["name"]: _Served(
+                route["name"],
+                [
+                    _Variant(
+                        ModelInfo.from_schema(route["name"], v["ref"], v["schema"]),
+                        v["weight"],
+                        v["handle"],
+                    )
+                    for v in route["variants"]
+                ],
+            )
+            for route in routes
+        }
+        self._ready_at: dict[str, float] = {}
+        self._requests = metrics.Counter(
+            "kiln_requests", description="Inference requests answered.", tag_keys=_STATUS_TAGS
+        )
+        self._errors = metrics.Counter(
+            "kiln_request_errors",
+            description="Inference requests answered 4xx/5xx.",
+            tag_keys=_STATUS_TAGS,
+        )
+        self._latency = metrics.Histogram(
+            "kiln_request_latency_ms",
+            description="Inference request latency in the ingress, milliseconds.",
+            boundaries=_LATENCY_MS,
+            tag_keys=_ROUTE_TAGS,
+        )
+
+    # ---- OIP: health and metadata ----------------------------------------------------------------
+
+    @app.get("/v2/health/live", summary="Server liveness (OIP)")
+    async def live(self) -> dict[str, bool]:
+        return {"live": True}
+
+    @app.get("/v2/health/ready", summary="Server readiness: every model version answers (OIP)")
+    async def ready(self) -> JSONResponse:
+        variants = [v for served in self.models.values() for v in served.variants]
+        states = await asyncio.gather(*(self._variant_ready(v) for v in variants))
+        return JSONResponse({"ready": all(states)}, status_code=200 if all(states) else 503)
+
+    @app.get("/v2", summary="Server metadata (OIP)")
+    async def server_metadata(self, request: Request) -> dict[str, Any]:
+        self._authorize(request)
+        return {"name": "kiln", "version": __version__, "extensions": ["binary_tensor_data"]}
+
+    @app.get(
+        "/v2/models/{name}",
+        summary="Model metadata: input and output tensors (OIP)",
+        responses=_doc_responses(oip.ModelMetadataDoc, 401, 404),
+    )
+    async def model_metadata(self, name: str, request: Request) -> dict[str, Any]:
+        self._authorize(request)
+        served = self._served(name)
+        versions = list(dict.fromkeys(v.info.version for v in served.variants))
+        return oip.model_metadata(served.variants[0].info, versions)
+
+    @app.get(
+        "/v2/models/{name}/versions/{version}",
+        summary="Model version metadata (OIP)",
+        responses=_doc_responses(oip.ModelMetadataDoc, 401, 404),
+    )
+    async def version_metadata(self, name: str, version: str, request: Request) -> dict[str, Any]:
+        self._authorize(request)
+        variant = self._served(name).pick(version)
+        return oip.model_metadata(variant.info, [variant.info.version])
+
+    @app.get("/v2/models/{name}/ready", summary="Model readiness (OIP)")
+    async def model_ready(self, name: str, request: Request) -> JSONResponse:
+        self._authorize(request)
+        served = self._served(name)
+        states = await asyncio.gather(*(self._variant_ready(v) for v in served.variants))
+        return JSONResponse({"name": name, "ready": all(states)}, 200 if all(states) else 503)
+
+    @app.get("/v2/models/{name}/versions/{version}/ready", summary="Model version readiness")
+    async def version_ready(self, name: str, version: str, request: Request) -> JSONResponse:
+        self._authorize(request)
+        variant = self._served(name).pick(version)
+        state = await self._variant_ready(variant)
+        return JSONResponse({"name": name, "ready": state}, 200 if state else 503)
+
+    # ---- OIP: inference --------------------------------------------------------------------------
+
+    @app.post(
+        "/v2/models/{name}/infer",
+        summary="Inference (OIP); the version follows the configured traffic split",
+        responses=_doc_responses(oip.InferResponseDoc, *_ERRORS),
+        openapi_extra=_body_doc(oip.InferRequestDoc),
+    )
+    async def infer(self, name: str, request: Request) -> Response:
+        return await self._infer(name, None, request)
+
+    @app.post(
+        "/v2/models/{name}/versions/{version}/infer",
+        summary="Inference on one model version (OIP)",
+        responses=_doc_responses(oip.InferResponseDoc, *_ERRORS),
+        openapi_extra=_body_doc(oip.InferRequestDoc),
+    )
+    async def infer_version(self, name: str, version: str, request: Request) -> Response:
+        return await self._infer(name, version, request)
+
+    # ---- JSON :predict ---------------------------------------------------------------------------
+
+    @app.get("/v1/models/{name}", summary="A model's features, classes and versions")
+    async def describe(self, name: str, request: Request) -> dict[str, Any]:
+        self._authorize(request)
+        served = self._served(name)
+        info = served.variants[0].info
+        total = sum(v.weight for v in served.variants)
+        return {
+            "name": name,
+            "task": info.task,
+            "features": list(info.features),
+            "categorical": sorted(info.categorical),
+            "classes": list(info.classes) if info.classes is not None else None,
+            "versions": [
+                {"version": v.info.version, "ref": v.info.ref, "traffic": v.weight / total}
+                for v in served.variants
+            ],
+        }
+
+    @app.post(
+        "/v1/models/{name}:predict",
+        summary="Predict rows given as JSON objects; the version follows the traffic split",
+        responses=_doc_responses(oip.PredictResponseDoc, *_ERRORS),
+        openapi_extra=_body_doc(oip.PredictRequestDoc),
+    )
+    async def predict(self, name: str, request: Request) -> Response:
+        return await self._predict(name, None, request)
+
+    @app.post(
+        "/v1/models/{name}/versions/{version}:predict",
+        summary="Predict rows with one model version",
+        responses=_doc_responses(oip.PredictResponseDoc, *_ERRORS),
+        openapi_extra=_body_doc(oip.PredictRequestDoc),
+    )
+    async def predict_version(self, name: str, version: str, request: Request) -> Response:
+        return await self._predict(name, version, request)
+
+    # ---- shared request path ---------------------------------------------------------------------
+
+    async def _infer(self, name: str, version: str | None, request: Request) -> Response:
+        async def handle(variant: _Variant, body: bytes) -> Response:
+            header = request.headers.get(oip.HEADER_LENGTH)
+            decoded = oip.decode_infer_request(body, variant.info, _header_int(header))
+            result = await self._call(variant, decoded.table)
+            content, headers = oip.encode_infer_response(variant.info, result, decoded)
+            media_type = headers.pop("content-type")
+            return Response(content, media_type=media_type, headers=headers)
+
+        return await self._serve_request(name, version, request, "oip", handle)
+
+    async def _predict(self, name: str, version: str | None, request: Request) -> Response:
+        async def handle(variant: _Variant, body: bytes) -> Response:
+            result = await self._call(variant, oip.decode_instances(body, variant.info))
+            document = oip.encode_predictions(variant.info, result)
+            return Response(oip.dumps(document), media_type="application/json")
+
+        return await self._serve_request(name, version, request, "predict", handle)
+
+    async def _serve_request(
+        self, name: str, version: str | None, request: Request, route: str, handle: Any
+    ) -> Response:
+        """Auth, model and version choice, body limits, the call and its metrics; every failure
+        becomes the protocol's error body."""
+        start = time.perf_counter()
+        tags = {"model": "-", "version": "-", "route": route}
+        try:
+            self._authorize(request)
+            variant = self._served(name).pick(version)
+            tags.update(model=variant.info.name, version=variant.info.version)
+            response: Response = await handle(variant, await self._body(request))
+        except RequestError as exc:
+            response = await _request_error(request, exc)
+        except Exception:
+            logger.exception("inference failed for model %s", tags["model"])
+            response = JSONResponse(oip.error_body("internal error"), status_code=500)
+        status = {**tags, "status": str(response.status_code)}
+        self._requests.inc(tags=status)
+        if response.status_code >= 400:
+            self._errors.inc(tags=status)
+        self._latency.observe((time.perf_counter() - start) * 1000, tags=tags)
+        return response
+
+    async def _call(self, variant: _Variant, table: pa.Table) -> dict[str, Any]:
+        timeout = self.spec.limits.request_timeout_s
+        response = variant.handle.predict.remote(table)
+        try:
+            result: dict[str, Any] = await asyncio.wait_for(_resolve(response), timeout)
+        except asyncio.TimeoutError:
+            response.cancel()
+            raise RequestError(504, f"{variant.info.ref}: no answer within {timeout} s") from None
+        except BackPressureError as exc:
+            retry = {"retry-after": str(math.ceil(exc.retry_after_s or 1))}
+            raise RequestError(
+                503, f"{variant.info.ref} is overloaded; retry later", retry
+            ) from None
+        except RayServeException as exc:
+            raise RequestError(503, f"{variant.info.ref} is unavailable: {exc}") from None
+        if "error" in result:
+            raise RequestError(400, str(result["error"]))
+        for key, value in result.items():
+            if value.dtype.kind == "f" and not np.isfinite(value).all():
+                raise RequestError(500, f"{variant.info.ref} predicted a non-finite {key}")
+        return result
+
+    async def _body(self, request: Request) -> bytes:
+        limit = self.spec.limits.max_body_bytes
+        length = _header_int(request.headers.get("content-length"))
+        if length is not None and length > limit:
+            raise RequestError(
+                413, f"request body of {length} bytes exceeds the limit of {limit} bytes"
+            )
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise RequestError(413, f"request body exceeds the limit of {limit} bytes")
+            chunks.append(chunk)
+        encoding = request.headers.get("content-encoding")
+        return oip.decode_content(b"".join(chunks), encoding, limit)
+
+    def _authorize(self, request: Request) -> None:
+        if self._token is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        ok = scheme.lower() == "bearer" and hmac.compare_digest(
+            given.strip().encode(), self._token.encode()
+        )
+        if not ok:
+            raise RequestError(401, "missing or invalid bearer token")
+
+    def _served(self, name: str) -> _Served:
+        served = self.models.get(name)
+        if served is None:
+            known = ", ".join(sorted(self.models))
+            raise RequestError(404, f"unknown model {name!r}; served models: {known}")
+        return served
+
+    async def _variant_ready(self, variant: _Variant) -> bool:
+        key = variant.info.ref
+        if time.monotonic() - self._ready_at.get(key, -_READY_CACHE_S) < _READY_CACHE_S:
+            return True
+        try:
+            await asyncio.wait_for(_resolve(variant.handle.ping.remote()), 2.0)
+        except Exception:
+            return False
+        self._ready_at[key] = time.monotonic()
+        return True
+
+
+MODEL_SERVER = cast(Deployment, serve.deployment(ModelServer))
+INGRESS_SERVER = cast(Deployment, serve.deployment(serve.ingress(app)(Ingress)))
+
+
+async def _resolve(response: Any) -> Any:
+    return await response
+
+
+def _header_int(value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise RequestError(400, f"header value {value!r} is not an integer") from None
+
+
+# ---- building the application -------------------------------------------------------------------
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """The Serve application for a serve spec (`import_path: kiln.inference.serve:build_app`,
+    with the spec as `args`). Resolves every ref once, so all replicas serve the same versions.
+
+    Raises:
+        SpecError: the spec is invalid.
+        RegistryError: a ref does not resolve.
+    """
+    spec = validate_serve_spec(args, "serve application args")
+    spec = absolute_paths(spec)
+    registry = Registry(spec.registry)
+    routes = []
+    for index, model in enumerate(spec.models):
+        variants: list[dict[str, Any]] = []
+        versions: dict[int, str] = {}
+        for variant in model.variants:
+            mv = registry.resolve(variant.ref)
+            if mv.version in versions:
+                # e.g. a canary alias promoted to production: harmless, but worth knowing.
+                logger.warning(
+                    "models.%d.versions: %s and %s both resolve to %s",
+                    index,
+                    versions[mv.version],
+                    variant.ref,
+                    mv.ref,
+                )
+            versions[mv.version] = variant.ref
+            schema = registry.read_document(mv, "model.json")["input_schema"]
+            server = MODEL_SERVER.options(**model_deployment_options(model, variant.ref)).bind(
+                spec.registry,
+                mv.ref,
+                model.served_name,
+                "cuda" if model.ray_actor_options.num_gpus > 0 else "cpu",
+                model.batching.max_batch_size,
+                model.batching.batch_wait_timeout_s,
+            )
+            variants.append(
+                {"ref": mv.ref, "weight": variant.weight, "schema": schema, "handle": server}
+            )
+            logger.info(
+                "%s: %s -> %s (weight %s)", model.served_name, variant.ref, mv.ref, variant.weight
+            )
+        routes.append({"name": model.served_name, "variants": variants})
+    return INGRESS_SERVER.options(**ingress_deployment_options(spec)).bind(
+        spec.model_dump(mode="json"), routes
+    )
+
+
+def absolute_paths(spec: ServeSpec) -> ServeSpec:
+    """The spec with a local registry root and token file made absolute (replicas and the Serve
+    controller do not share the caller's working directory)."""
+    update: dict[str, Any] = {}
+    if not is_uri(spec.registry):
+        update["registry"] = os.path.abspath(spec.registry)
+    if spec.auth.token_file:
+        update["auth"] = spec.auth.model_copy(
+            update={"token_file": os.path.abspath(spec.auth.token_file)}
+        )
+    return spec.model_copy(update=update)
+
+
+def deployment_name(model: ModelServeSpec, ref: str) -> str:
+    """The deployment of one served version: the ref as written, prefixed with the served name
+    when that differs from the registered name (stable across alias moves)."""
+    registered = ref.split("@", 1)[0].split(":", 1)[0]
+    return ref if model.served_name == registered else f"{model.served_name}/{ref}"
+
+
+def model_deployment_options(model: ModelServeSpec, ref: str) -> dict[str, Any]:
+    """Serve options of one model version's deployment."""
+    actor = model.ray_actor_options.model_dump(exclude_none=True)
+    return {
+        "name": deployment_name(model, ref),
+        "max_ongoing_requests": model.max_ongoing_requests,
+        "max_queued_requests": model.max_queued_requests,
+        "autoscaling_config": model.autoscaling.serve_config(),
+        "ray_actor_options": actor,
+        "health_check_period_s": model.health_check_period_s,
+    }
+
+
+def ingress_deployment_options(spec: ServeSpec) -> dict[str, Any]:
+    """Serve options of the ingress deployment."""
+    return {
+        "name": INGRESS,
+        "num_replicas": spec.ingress.num_replicas,
+        "max_ongoing_requests": spec.ingress.max_ongoing_requests,
+        "max_queued_requests": spec.ingress.max_queued_requests,
+        "ray_actor_options": {"num_cpus": spec.ingress.num_cpus},
+    }
+
+
+def http_options(spec: ServeSpec) -> dict[str, Any]:
+    """Serve proxy options. The proxy's own timeout sits past the ingress's, so a slow model
+    answers the ingress's JSON 504 rather than the proxy's plain one."""
+    return {
+        "host": spec.http.host,
+        "port": spec.http.port,
+        "request_timeout_s": spec.limits.request_timeout_s + 5.0,
+    }
+
+
+def serve_config(spec: ServeSpec) -> dict[str, Any]:
+    """A Serve config file (`serve deploy`, KubeRay RayService `serveConfigV2`) for the spec."""
+    args = spec.model_dump(mode="json", exclude={"http"}, exclude_none=True)
+    deployments = [
+        model_deployment_options(model, variant.ref)
+        for model in spec.models
+        for variant in model.variants
+    ]
+    return {
+        "proxy_location": "EveryNode",
+        "http_options": http_options(spec),
+        "applications": [
+            {
+                "name": spec.name,
+                "route_prefix": spec.route_prefix,
+                "import_path": IMPORT_PATH,
+                "runtime_env": spec.runtime_env,
+                "args": args,
+                "deployments": [ingress_deployment_options(spec), *deployments],
+            }
+        ],
+    }
+
+
+__all__ = [
+    "Ingress",
+    "ModelServer",
+    "build_app",
+    "load_token",
+    "serve_config",
+]
