@@ -1,10 +1,12 @@
-# kiln: `make demo` runs the whole lifecycle on a local Ray; `make test` runs every test.
+# kiln: `make demo` runs the whole lifecycle on a local Ray (data, train, register, promote,
+# score, serve); `make test` runs every test.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.kiln-installed
 KILN := $(BIN)/kiln
 DEMO_DATA ?= data/digits
+DEMO_PORT ?= 8000
 
 .PHONY: install demo test test-fast lint format bench clean
 
@@ -22,6 +24,11 @@ demo: install
 	$(KILN) train jobs/configs/digits-mlp.yaml
 	$(KILN) models promote digits-mlp@latest production
 	$(KILN) models list digits-mlp
+	$(KILN) score digits-mlp@production --input $(DEMO_DATA)/test --output out/scores --overwrite
+	$(BIN)/python jobs/demo_check.py accuracy out/scores $(DEMO_DATA)/test
+	$(KILN) serve digits-mlp@production --port $(DEMO_PORT) & serve=$$!; \
+	  $(BIN)/python jobs/demo_check.py requests $(DEMO_PORT) $(DEMO_DATA)/test; status=$$?; \
+	  kill -INT $$serve; wait $$serve; exit $$status
 
 lint: install
 	$(BIN)/ruff check platform tests jobs benchmarks
@@ -42,4 +49,4 @@ bench: install
 	$(BIN)/python benchmarks/train.py
 
 clean:
-	rm -rf .kiln data/digits .pytest_cache .mypy_cache .ruff_cache
+	rm -rf .kiln data/digits out .pytest_cache .mypy_cache .ruff_cache

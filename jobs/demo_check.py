@@ -1,0 +1,78 @@
+"""What `make demo` prints after scoring and while serving.
+
+python jobs/demo_check.py accuracy out/scores data/digits/test   # accuracy from scored Parquet
+python jobs/demo_check.py requests 8000 data/digits/test         # a few requests, both routes
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+
+def accuracy(scores: str, data: str) -> int:
+    """Join the scored rows to the labels by their `file:row` key and print the accuracy."""
+    scored = pq.read_table(sorted(Path(scores).glob("*.parquet"))).to_pylist()
+    labels = {}
+    for part in sorted(Path(data).glob("*.parquet")):
+        for row, label in enumerate(pq.read_table(part, columns=["label"]).column(0).to_pylist()):
+            labels[f"{part.name}:{row}"] = label
+    hits = sum(labels[row["key"]] == row["prediction"] for row in scored)
+    print(f"scored {len(scored)} rows with {scored[0]['model']}: accuracy {hits / len(scored):.4f}")
+    return 0 if len(scored) == len(labels) else 1
+
+
+def _post(url: str, body: dict) -> dict:
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def requests(port: str, data: str) -> int:
+    """Wait for the endpoint, then send three test rows through the OIP and :predict routes."""
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{base}/v2/health/ready", timeout=5)
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                print("endpoint did not become ready in 120 s", file=sys.stderr)
+                return 1
+            time.sleep(1)
+    table = pq.read_table(sorted(Path(data).glob("*.parquet"))[0]).slice(0, 3)
+    labels = table.column("label").to_pylist()
+    rows = table.drop(["label"]).to_pylist()
+    friendly = _post(f"{base}/v1/models/digits-mlp:predict", {"instances": rows})
+    print("POST /v1/models/digits-mlp:predict ->", json.dumps(friendly)[:300], "...")
+    features = list(rows[0])
+    infer = {
+        "inputs": [
+            {
+                "name": "input-0",
+                "shape": [len(rows), len(features)],
+                "datatype": "FP32",
+                "data": [[row[f] for f in features] for row in rows],
+            }
+        ]
+    }
+    oip = _post(f"{base}/v2/models/digits-mlp/infer", infer)
+    prediction = next(out for out in oip["outputs"] if out["name"] == "prediction")
+    print("POST /v2/models/digits-mlp/infer -> prediction", prediction["data"], "labels", labels)
+    return 0
+
+
+if __name__ == "__main__":
+    commands = {"accuracy": accuracy, "requests": requests}
+    if len(sys.argv) != 4 or sys.argv[1] not in commands:
+        print(__doc__, file=sys.stderr)
+        sys.exit(2)
+    sys.exit(commands[sys.argv[1]](sys.argv[2], sys.argv[3]))
