@@ -1,0 +1,317 @@
+"""Online serving overhead: kiln's Ray Serve app against the same Predictor behind bare FastAPI.
+
+    .venv/bin/python benchmarks/serve.py                 # all figures, about 2 minutes
+    .venv/bin/python benchmarks/serve.py --requests 500 --duration 5 --clients 16
+
+Everything runs on 127.0.0.1. The request is the same JSON body for both servers, one row
+`{"instances": [{feature: value, ...}]}`, and both decode it and encode the answer with kiln's own
+`oip.decode_instances` / `oip.encode_predictions`, so the ratio is what Ray Serve (proxy, ingress
+deployment, model deployment, `@serve.batch`) adds on top of the same work.
+
+1. Latency: one client, keep-alive connection, `--requests` sequential requests after a warm-up;
+   p50 and p99. Goals: kiln/bare p50 <= 1.15, p99 <= 1.3.
+2. Max QPS: `--clients` threads, each with its own keep-alive connection, for `--duration` s.
+3. Batching: kiln QPS at `--clients` with `max_batch_size` 32 against `max_batch_size` 1.
+
+The bare server is `uvicorn` in a subprocess (this file with `--bare-port`) serving POST /predict;
+it runs before Ray starts, so it does not share the CPUs with an idle Ray. The kiln app is
+`build_app` with one model replica (no autoscaling), started in-process with `serve.run`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import secrets
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from fastapi import Request  # module level: FastAPI resolves the string annotation here
+
+REPO = Path(__file__).resolve().parent.parent
+P50_GOAL, P99_GOAL = 1.15, 1.3
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# ---- the bare server (subprocess) ----------------------------------------------------------------
+
+
+def run_bare(registry: str, ref: str, port: int, threads: int) -> None:
+    """FastAPI + uvicorn serving POST /predict with a Predictor (runs until killed)."""
+    import torch
+    import uvicorn
+    from fastapi import FastAPI
+    from fastapi.responses import Response
+
+    from kiln.inference import oip
+    from kiln.inference.predictor import Predictor
+
+    torch.set_num_threads(threads)
+    predictor = Predictor(registry, ref)
+    info = oip.ModelInfo.from_schema("bare", predictor.ref, predictor.schema)
+    app = FastAPI()
+
+    def score(body: bytes) -> bytes:
+        result = predictor.predict_table(oip.decode_instances(body, info))
+        return oip.dumps(oip.encode_predictions(info, result))
+
+    @app.get("/health")
+    async def health() -> dict[str, bool]:
+        return {"ok": True}
+
+    @app.post("/predict")
+    async def predict(request: Request) -> Response:
+        import asyncio
+
+        content = await asyncio.to_thread(score, await request.body())
+        return Response(content, media_type="application/json")
+
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
+# ---- clients -------------------------------------------------------------------------------------
+
+
+def _post(conn: http.client.HTTPConnection, path: str, body: bytes) -> None:
+    conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    data = response.read()
+    if response.status != 200:
+        raise RuntimeError(f"POST {path}: {response.status} {data[:200]!r}")
+
+
+def wait_ready(port: int, path: str, body: bytes, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        try:
+            _post(conn, path, body)
+            return
+        except (OSError, RuntimeError, http.client.HTTPException):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+        finally:
+            conn.close()
+
+
+def latency(port: int, path: str, body: bytes, n: int, warmup: int) -> dict[str, float]:
+    """p50/p99 in ms of `n` sequential requests over one keep-alive connection."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        for _ in range(warmup):
+            _post(conn, path, body)
+        times = []
+        for _ in range(n):
+            start = time.perf_counter()
+            _post(conn, path, body)
+            times.append((time.perf_counter() - start) * 1000)
+    finally:
+        conn.close()
+    cuts = statistics.quantiles(times, n=100, method="inclusive")
+    return {"p50": statistics.median(times), "p99": cuts[98]}
+
+
+def throughput(port: int, path: str, body: bytes, clients: int, duration: float) -> float:
+    """Requests/s answered 200 by `clients` threads in a closed loop for `duration` s."""
+    counts = [0] * clients
+    errors: list[BaseException] = []
+    start_line = threading.Barrier(clients + 1)
+    stop_at = [0.0]
+
+    def client(index: int) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        try:
+            start_line.wait()
+            while time.perf_counter() < stop_at[0]:
+                _post(conn, path, body)
+                counts[index] += 1
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    stop_at[0] = time.perf_counter() + duration
+    start = time.perf_counter()
+    start_line.wait()
+    for thread in threads:
+        thread.join(duration + 60)
+    elapsed = time.perf_counter() - start
+    if errors:
+        raise RuntimeError(f"{len(errors)} clients failed, first: {errors[0]!r}")
+    return sum(counts) / elapsed
+
+
+# ---- the runs ------------------------------------------------------------------------------------
+
+
+def request_body(data: str, features: list[str]) -> bytes:
+    import pyarrow.parquet as pq
+
+    files = sorted(Path(data).glob("*.parquet"))
+    row = pq.read_table(files[0], columns=features).slice(0, 1).to_pylist()[0]
+    return json.dumps({"instances": [row]}).encode()
+
+
+def measure_bare(args: argparse.Namespace, body: bytes) -> dict[str, float]:
+    port = free_port()
+    command = [
+        sys.executable,
+        __file__,
+        "--bare-port",
+        str(port),
+        "--registry",
+        args.registry,
+        "--ref",
+        args.ref,
+        "--threads",
+        str(args.threads),
+    ]
+    process = subprocess.Popen(command, cwd=REPO)
+    try:
+        wait_ready(port, "/predict", body)
+        result = latency(port, "/predict", body, args.requests, args.warmup)
+        result["qps"] = throughput(port, "/predict", body, args.clients, args.duration)
+        return result
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def kiln_spec(args: argparse.Namespace, port: int, batch: int) -> dict[str, Any]:
+    return {
+        "registry": args.registry,
+        "http": {"host": "127.0.0.1", "port": port},
+        "ingress": {"num_cpus": 0.25},
+        "models": [
+            {
+                "name": "bench",
+                "ref": args.ref,
+                "batching": {"max_batch_size": batch, "batch_wait_timeout_s": args.batch_wait},
+                "max_ongoing_requests": max(32, args.clients),
+                "max_queued_requests": -1,
+                "autoscaling": {"min_replicas": 1, "max_replicas": 1},
+                "ray_actor_options": {"num_cpus": 0.5},
+            }
+        ],
+    }
+
+
+def measure_kiln(args: argparse.Namespace, body: bytes) -> tuple[dict[str, float], float]:
+    """Latency and QPS with max_batch_size 32, then QPS with max_batch_size 1."""
+    import ray
+    from ray import serve
+
+    from kiln.inference.serve import build_app, http_options
+    from kiln.inference.serve_spec import validate_serve_spec
+
+    port = free_port()
+    path = "/v1/models/bench:predict"
+    temp_dir = tempfile.mkdtemp(prefix="kb-", dir="/tmp")  # short: Ray's socket paths are capped
+    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+    ray.init(
+        address="local",
+        num_cpus=os.cpu_count() or 2,
+        include_dashboard=False,
+        _temp_dir=temp_dir,
+        runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(args.threads)}},
+        log_to_driver=False,
+    )
+    try:
+        batched_spec = kiln_spec(args, port, 32)
+        serve.start(http_options=http_options(validate_serve_spec(batched_spec)))
+        serve.run(build_app(batched_spec), name="kiln", route_prefix="/")
+        wait_ready(port, path, body)
+        result = latency(port, path, body, args.requests, args.warmup)
+        result["qps"] = throughput(port, path, body, args.clients, args.duration)
+        serve.delete("kiln")
+        serve.run(build_app(kiln_spec(args, port, 1)), name="kiln", route_prefix="/")
+        wait_ready(port, path, body)
+        throughput(port, path, body, args.clients, 1.0)  # warm-up
+        unbatched = throughput(port, path, body, args.clients, args.duration)
+        return result, unbatched
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+            shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--registry", default=str(REPO / ".kiln" / "registry"))
+    parser.add_argument("--ref", default="digits-mlp@production")
+    parser.add_argument(
+        "--data", default=str(REPO / "data" / "digits" / "test"), help="parquet rows to send"
+    )
+    parser.add_argument("--requests", type=int, default=400, help="latency requests (1 client)")
+    parser.add_argument("--warmup", type=int, default=50, help="requests before timing")
+    parser.add_argument("--clients", type=int, default=32, help="concurrent clients for QPS")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per QPS run")
+    parser.add_argument("--batch-wait", type=float, default=0.005, help="batch_wait_timeout_s")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads in each server")
+    parser.add_argument("--bare-port", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.registry = os.path.abspath(args.registry)
+    if args.bare_port:
+        run_bare(args.registry, args.ref, args.bare_port, args.threads)
+        return 0
+
+    from kiln.inference.predictor import Predictor
+
+    features = Predictor(args.registry, args.ref).features
+    body = request_body(args.data, features)
+    started = time.monotonic()
+    bare = measure_bare(args, body)
+    kiln, unbatched = measure_kiln(args, body)
+
+    print(f"\n{'':<22}{'kiln (batch 32)':>16}{'bare FastAPI':>14}{'kiln (batch 1)':>16}")
+    print(f"{'p50 latency, ms':<22}{kiln['p50']:>16.2f}{bare['p50']:>14.2f}{'':>16}")
+    print(f"{'p99 latency, ms':<22}{kiln['p99']:>16.2f}{bare['p99']:>14.2f}{'':>16}")
+    qps = f"QPS, {args.clients} clients"
+    print(f"{qps:<22}{kiln['qps']:>16.1f}{bare['qps']:>14.1f}{unbatched:>16.1f}")
+    print()
+    for key, goal in (("p50", P50_GOAL), ("p99", P99_GOAL)):
+        print(
+            f"{key} latency: kiln {kiln[key]:.1f} ms, bare {bare[key]:.1f} ms, "
+            f"ratio {kiln[key] / bare[key]:.2f} (goal <= {goal})"
+        )
+    print(
+        f"max QPS ({args.clients} clients): kiln {kiln['qps']:.1f}, bare {bare['qps']:.1f}, "
+        f"ratio {kiln['qps'] / bare['qps']:.2f}"
+    )
+    print(
+        f"batching ({args.clients} clients): batch 32 {kiln['qps']:.1f} QPS, batch 1 "
+        f"{unbatched:.1f} QPS, ratio {kiln['qps'] / unbatched:.2f}"
+    )
+    print(f"(total {time.monotonic() - started:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
