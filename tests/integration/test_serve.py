@@ -528,6 +528,72 @@ def test_autoscaling_up_and_down_without_failures(server: str, test_rows: pa.Tab
     assert running_replicas(deployment) == 1
 
 
+@pytest.mark.slow
+def test_killed_replica_recovers_and_no_request_hangs(server: str, test_rows: pa.Table) -> None:
+    """SIGKILL a model replica under load: Serve replaces it, every request ends (an answer or
+    an error) within the request timeout, and requests succeed again afterwards."""
+    import psutil
+
+    deployment, url = "digits/digits-mlp@latest", f"{server}/v2/models/digits/versions/2/infer"
+    body = matrix(test_rows.slice(0, 4))
+    request_timeout_s = 20  # limits.request_timeout_s of the test spec
+    durations: list[float] = []
+    statuses: Counter[int] = Counter()
+    stop = threading.Event()
+
+    def client() -> None:
+        with requests.Session() as session:
+            while not stop.is_set():
+                start = time.monotonic()
+                try:
+                    response = session.post(url, json=body, headers=AUTH, timeout=TIMEOUT)
+                    statuses[response.status_code] += 1
+                except requests.RequestException:
+                    statuses[0] += 1
+                durations.append(time.monotonic() - start)
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(2)
+        victims = [
+            proc
+            for proc in psutil.process_iter(["cmdline"])
+            if "ServeReplica:kiln:digits/digits-mlp@latest" in " ".join(proc.info["cmdline"] or [])
+            and _in_this_ray_session(proc)
+        ]
+        assert victims, "no replica process found"
+        victims[0].kill()
+        deadline = time.monotonic() + 60
+        time.sleep(1)
+        while time.monotonic() < deadline and running_replicas(deployment) < 1:
+            time.sleep(0.5)
+        time.sleep(2)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(TIMEOUT)
+    assert running_replicas(deployment) >= 1
+    assert max(durations) <= request_timeout_s + 5, max(durations)
+    assert statuses[200] > 0, statuses
+    after = post(url, body)
+    assert after.status_code == 200, after.text
+
+
+def _in_this_ray_session(proc: Any) -> bool:
+    """Whether a worker process belongs to this test session's Ray (its raylet names our temp
+    dir), so a concurrent Ray on the machine is never touched."""
+    import psutil
+    import ray
+
+    temp_dir = ray._private.worker._global_node.get_temp_dir_path()
+    try:
+        return temp_dir in " ".join(proc.parent().cmdline())
+    except (OSError, psutil.Error):  # a process that vanished is not ours to kill
+        return False
+
+
 # ---- replica and ingress internals with stand-in handles ----------------------------------------
 
 
