@@ -44,17 +44,9 @@ def load_shard(
     return torch.from_numpy(x[rows].copy()), torch.from_numpy(y[rows].copy())
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--job", required=True, help="JobSpec as JSON")
-    parser.add_argument("--preprocessor", required=True, help="Preprocessor.to_dict() as JSON")
-    parser.add_argument("--out", required=True, help="rank 0 writes per-epoch figures here")
-    args = parser.parse_args()
-
-    dist.init_process_group("gloo")
+def train(spec: JobSpec, pre: Preprocessor) -> dict[str, object]:
+    """Load this rank's rows, train `spec.train.epochs` epochs; per-epoch figures (all ranks)."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    spec = JobSpec.model_validate_json(Path(args.job).read_text())
-    pre = Preprocessor.from_dict(json.loads(Path(args.preprocessor).read_text()))
     load_start = time.perf_counter()
     x, y = load_shard(spec, pre, rank, world)
     load_s = time.perf_counter() - load_start
@@ -95,14 +87,27 @@ def main() -> None:
                 "steps": steps_per_epoch,
             }
         )
-    if rank == 0:
-        result = {
-            "epochs": epochs,
-            "load_s": load_s,
-            "rows_per_rank": len(y),
-            "torch_threads": torch.get_num_threads(),
-            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-        }
+    return {
+        "epochs": epochs,
+        "load_s": load_s,
+        "rows_per_rank": len(y),
+        "torch_threads": torch.get_num_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--job", required=True, help="JobSpec as JSON")
+    parser.add_argument("--preprocessor", required=True, help="Preprocessor.to_dict() as JSON")
+    parser.add_argument("--out", required=True, help="rank 0 writes per-epoch figures here")
+    args = parser.parse_args()
+
+    dist.init_process_group("gloo")
+    spec = JobSpec.model_validate_json(Path(args.job).read_text())
+    pre = Preprocessor.from_dict(json.loads(Path(args.preprocessor).read_text()))
+    result = train(spec, pre)
+    if dist.get_rank() == 0:
         Path(args.out).write_text(json.dumps(result, indent=2))
     dist.destroy_process_group()
 

@@ -32,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -71,6 +72,13 @@ class Knobs:
     """ExecutionOptions.preserve_order for the training split (kiln: True)."""
     shuffle_buffer: int | None = None
     """local_shuffle_buffer_size in micro-batches (kiln: 8 when train.shuffle)."""
+    cache: bool = False
+    """Materialize the preprocessed datasets once (object store) instead of re-reading and
+    re-transforming the files every epoch."""
+    ingest_batch: int | None = None
+    """Ingest benchmark only: iter_torch_batches batch_size (default: the training micro-batch)."""
+    trace: bool = False
+    """Workers print, per training epoch, the seconds spent waiting for the next batch."""
 
     @classmethod
     def parse(cls, text: str) -> Knobs:
@@ -91,10 +99,6 @@ class Knobs:
             if getattr(self, f.name) != f.default
         ]
         return ",".join(changed) or "kiln as is"
-
-    @property
-    def default(self) -> bool:
-        return self == Knobs()
 
 
 @contextlib.contextmanager
@@ -119,9 +123,9 @@ def driver_knobs(knobs: Knobs) -> Iterator[None]:
         kiln.train.run.read_dataset = functools.partial(
             read_dataset, override_num_blocks=knobs.read_blocks
         )
-    if knobs.pre_batch != 4096:
+    if knobs.pre_batch != 4096 or knobs.cache:
         kiln.train.run.preprocess_dataset = functools.partial(
-            preprocess_dataset, batch_size=knobs.pre_batch or None
+            _preprocess_with_knobs, preprocess_dataset, knobs
         )
     if not knobs.preserve_order:
         kiln.train.ingest.ValidationExactDataConfig = _unordered_config()
@@ -131,6 +135,11 @@ def driver_knobs(knobs: Knobs) -> Iterator[None]:
         context.target_max_block_size, context.use_datasource_v2 = saved_block, saved_v2
         kiln.train.run.read_dataset, kiln.train.run.preprocess_dataset = saved
         kiln.train.ingest.ValidationExactDataConfig = saved_config
+
+
+def _preprocess_with_knobs(preprocess: Any, knobs: Knobs, *args: Any, **kwargs: Any) -> Any:
+    ds = preprocess(*args, batch_size=knobs.pre_batch or None, **kwargs)
+    return ds.materialize() if knobs.cache else ds
 
 
 def _unordered_config() -> type:
@@ -174,21 +183,40 @@ def worker_knobs(knobs: Knobs) -> None:
         return
 
     def patched(self: Any, *args: Any, **kwargs: Any) -> Any:
-        if kwargs.get("batch_size") != 4096:  # the training loop, not evaluation
-            kwargs["prefetch_batches"] = knobs.prefetch
-            if knobs.shuffle_buffer is not None and kwargs.get("local_shuffle_buffer_size"):
-                kwargs["local_shuffle_buffer_size"] = knobs.shuffle_buffer * kwargs["batch_size"]
-        return original(self, *args, **kwargs)
+        if kwargs.get("batch_size") == 4096:  # evaluation, not the training loop
+            return original(self, *args, **kwargs)
+        kwargs["prefetch_batches"] = knobs.prefetch
+        if knobs.shuffle_buffer is not None and kwargs.get("local_shuffle_buffer_size"):
+            buffer = knobs.shuffle_buffer * kwargs["batch_size"]
+            kwargs["local_shuffle_buffer_size"] = buffer or None
+        batches = original(self, *args, **kwargs)
+        return _timed(batches) if knobs.trace else batches
 
     patched._kiln_bench = True  # type: ignore[attr-defined]
     DataIterator.iter_torch_batches = patched  # type: ignore[method-assign]
 
 
-def _loop_with_knobs(config: dict[str, Any], knobs: Knobs) -> None:
+def _timed(batches: Any) -> Iterator[Any]:
+    """Yield from `batches`, then print the time spent waiting in next() and in between."""
+    waited, count, start = 0.0, 0, time.perf_counter()
+    iterator = iter(batches)
+    while True:
+        before = time.perf_counter()
+        batch = next(iterator, None)
+        waited += time.perf_counter() - before
+        if batch is None:
+            break
+        count += 1
+        yield batch
+    total = time.perf_counter() - start
+    print(f"[bench] pid {os.getpid()}: {count} batches, waited {waited:.2f}s of {total:.2f}s")
+
+
+def _loop_with_knobs(config: dict[str, Any], knobs: Knobs) -> Any:
     from kiln.train.loop import train_loop_per_worker
 
     worker_knobs(knobs)
-    train_loop_per_worker(config)
+    return train_loop_per_worker(config)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -227,7 +255,7 @@ def bench_spec(args: argparse.Namespace, data: Path, storage: Path) -> JobSpec:
                 "lr": 1e-3,
                 "log_every": 10**6,
                 "storage": str(storage / "runs"),
-                # Every epoch's metrics come back only with a kept checkpoint (Train V2).
+                # Keep every epoch: its metrics come back with the kept checkpoints too.
                 "keep_checkpoints": args.epochs,
                 "max_failures": 0,
                 "deepspeed": {"zero_stage": 2, "precision": "fp32"},
@@ -290,6 +318,46 @@ def run_torchrun(spec: JobSpec, pre: Preprocessor, workdir: Path) -> dict[str, A
     return result
 
 
+def raylets() -> set[int]:
+    found = subprocess.run(["pgrep", "-f", "raylet/raylet"], capture_output=True, text=True)
+    return {int(pid) for pid in found.stdout.split()}
+
+
+class Watch(threading.Thread):
+    """Polls for raylets that are not this benchmark's (another user's Ray on the same cores)
+    and tags each measured phase that overlapped one, so noisy figures are marked."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.ours: set[int] = set()
+        self.sightings: list[float] = []
+        self.phases: dict[str, tuple[float, float]] = {}
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop.wait(2.0):
+            if raylets() - self.ours:
+                self.sightings.append(time.monotonic())
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        start = time.monotonic()
+        try:
+            yield
+        finally:
+            self.phases[name] = (start, time.monotonic())
+
+    def noisy(self) -> list[str]:
+        return [
+            name
+            for name, (start, end) in self.phases.items()
+            if any(start <= t <= end for t in self.sightings)
+        ]
+
+
 def pyarrow_read(files: list[str], columns: list[str], label: str, repeats: int) -> dict[str, Any]:
     """One process: pq.read_table each file, features into one float32 matrix, label to numpy."""
     features = [name for name in columns if name != label]
@@ -320,7 +388,7 @@ def pyarrow_transform(files: list[str], columns: list[str], pre: Preprocessor) -
 
 
 @contextlib.contextmanager
-def local_ray() -> Iterator[None]:
+def local_ray(watch: Watch) -> Iterator[None]:
     """kiln's own local Ray, shut down however the benchmark ends (Ctrl-C, SIGTERM, error)."""
     import ray
 
@@ -330,12 +398,19 @@ def local_ray() -> Iterator[None]:
         raise KeyboardInterrupt(f"signal {signum}")
 
     previous = signal.signal(signal.SIGTERM, stop)
+    before = raylets()
     connect(None)
+    watch.ours = raylets() - before
     try:
         yield
     finally:
         ray.shutdown()
         signal.signal(signal.SIGTERM, previous)
+        for _ in range(30):  # let our raylet exit before the watch stops excusing it
+            if not raylets() & watch.ours:
+                break
+            time.sleep(0.5)
+        watch.ours = set()
 
 
 def kiln_train(spec: JobSpec, knobs: Knobs, run_dir: Path) -> dict[str, Any]:
@@ -351,16 +426,17 @@ def kiln_train(spec: JobSpec, knobs: Knobs, run_dir: Path) -> dict[str, Any]:
     resources = ray.cluster_resources()
     plan = plan_training(spec.train, cluster_cpus=float(resources.get("CPU", 0)), cluster_gpus=0)
     original_loop = kiln.train.loop.train_loop_per_worker
-    if knobs.prefetch != 2 or knobs.shuffle_buffer is not None:
+    if knobs.prefetch != 2 or knobs.shuffle_buffer is not None or knobs.trace:
         kiln.train.loop.train_loop_per_worker = functools.partial(_loop_with_knobs, knobs=knobs)
     try:
         with driver_knobs(knobs):
-            prepared = prepare(spec, plan, check)
+            prepared = prepare(spec, plan, check, run_dir=str(run_dir))
             prepared_s = time.perf_counter() - started
             result = fit(spec, prepared, plan, str(run_dir))
     finally:
         kiln.train.loop.train_loop_per_worker = original_loop
-    epochs = sorted((metrics for _, metrics in result.best_checkpoints), key=lambda m: m["epoch"])
+    history = getattr(result, "return_value", None) or [m for _, m in result.best_checkpoints]
+    epochs = sorted(history, key=lambda m: m["epoch"])
     return {
         "epochs": [
             {k: m[k] for k in ("epoch", "samples_per_s", "train_loss", "val_accuracy")}
@@ -422,6 +498,7 @@ def kiln_ingest(
         ds = kiln.train.run.preprocess_dataset(ds, pre, num_cpus=plan.data_task_cpus)
         micro = spec.train.batch_size // (spec.train.num_workers * spec.train.deepspeed.grad_accum)
         buffer = knobs.shuffle_buffer if knobs.shuffle_buffer is not None else 8
+        micro = knobs.ingest_batch or micro
         trainer = TorchTrainer(
             _ingest_loop,
             train_loop_config={
@@ -472,56 +549,70 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
         f"data: {results['rows']:,} training rows x {args.features} features, {args.classes} "
         f"classes; batch {args.batch_size} over {args.workers} workers; epochs {args.epochs}"
     )
-    train = results.get("train")
+    noisy = set(results["noisy"])
+    if noisy:
+        print(
+            "* another Ray shared the CPUs meanwhile: noisy; rerun when `pgrep -f raylet` is empty"
+        )
+    train, ingest = results.get("train"), results.get("ingest")
+    names = [*(train or {}), *(ingest or {})]
+    width = max(map(len, names), default=10) + 4
     if train:
-        header = "  ".join(f"epoch {e['epoch']:<3}" for e in train["torchrun"])
-        print(f"\ntraining samples/s     {header}")
+        first = next(iter(train.values()))
+        header = "".join(f"{'epoch ' + str(e['epoch']):>11}" for e in first)
+        print(f"\n{'training samples/s':<{width}}{header}")
         for name, run in train.items():
-            cells = "  ".join(f"{human(e['samples_per_s']):<9}" for e in run)
-            print(f"  {name:<20} {cells}")
-    ingest = results.get("ingest")
+            label = name + (" *" if {name, f"train {name}"} & noisy else "")
+            print(f"{label:<{width}}" + "".join(f"{human(e['samples_per_s']):>11}" for e in run))
     if ingest:
-        print("\ningest into one worker (rows/s per epoch; first batch s)")
+        print(f"\n{'ingest rows/s into one worker':<{width}}   per epoch (first batch after s)")
         for name, run in ingest.items():
+            label = name + (" *" if {name, f"ingest {name}"} & noisy else "")
             if name.startswith("pyarrow"):
-                print(f"  {name:<34} {human(run):>8}")
+                print(f"{label:<{width}}{human(run):>11}")
                 continue
-            cells = "  ".join(
-                f"{human(e['rows'] / e['seconds']):>7} ({e['first_batch_s']:.1f}s)" for e in run
+            cells = (
+                f"{human(e['rows'] / e['seconds']):>11} ({e['first_batch_s']:.1f}s)" for e in run
             )
-            print(f"  {name:<34} {cells}")
+            print(f"{label:<{width}}" + "".join(cells))
     print()
     if train:
-        base = steady_rate(train["torchrun"])
+        references = [e for name, run in train.items() if name.startswith("torchrun") for e in run]
+        base = steady_rate(references)
         for name, run in train.items():
-            if name == "torchrun":
-                continue
-            kiln = steady_rate(run)
-            print(
-                f"train samples/s: {name} {kiln:,.0f}, torchrun {base:,.0f}, "
-                f"ratio {kiln / base:.2f} (goal >= {TRAIN_GOAL})"
-            )
+            if not name.startswith("torchrun"):
+                kiln = steady_rate(run)
+                print(
+                    f"train samples/s: {name} {kiln:,.0f}, torchrun {base:,.0f}, "
+                    f"ratio {kiln / base:.2f} (goal >= {TRAIN_GOAL})"
+                )
     if ingest:
         base = ingest["pyarrow (read + numpy)"]
         for name, run in ingest.items():
-            if name.startswith("pyarrow"):
-                continue
-            kiln = ingest_rate(run)
-            print(
-                f"ingest rows/s: {name} {human(kiln)}, pyarrow {human(base)}, "
-                f"ratio {kiln / base:.2f} (goal >= {INGEST_GOAL})"
-            )
+            if not name.startswith("pyarrow"):
+                kiln = ingest_rate(run)
+                print(
+                    f"ingest rows/s: {name} {human(kiln)}, pyarrow {human(base)}, "
+                    f"ratio {kiln / base:.2f} (goal >= {INGEST_GOAL})"
+                )
 
+
+TUNED = "v1_read=true,pre_batch=0,cache=true"
+"""The suggested library changes, as knobs (read_blocks = one read task per file is added)."""
+TUNED_INGEST = "ingest_batch=32768,shuffle_buffer=0"
+"""Ingest only: large batches without the local shuffle buffer (what a big-batch model sees)."""
 
 SWEEP = [
     "",
-    "block_mb=8",
-    "block_mb=8,pre_batch=0",
-    "v1_read=true,read_blocks=32,pre_batch=0",
-    "v1_read=true,read_blocks=32,pre_batch=0,block_mb=8",
-    "v1_read=true,read_blocks=32,pre_batch=0,preserve_order=false",
-    "v1_read=true,read_blocks=32,pre_batch=0,prefetch=8",
-    "v1_read=true,read_blocks=32,pre_batch=0,shuffle_buffer=0",
+    "v1_read=true",
+    "v1_read=true,read_blocks=16",
+    "v1_read=true,pre_batch=0",
+    "v1_read=true,pre_batch=0,preserve_order=false",
+    "v1_read=true,pre_batch=0,prefetch=8",
+    "v1_read=true,pre_batch=0,ingest_batch=4096",
+    "v1_read=true,pre_batch=0,cache=true",
+    "v1_read=true,pre_batch=0,cache=true,ingest_batch=4096,shuffle_buffer=0",
+    "v1_read=true,pre_batch=0,cache=true,ingest_batch=32768,shuffle_buffer=0",
 ]
 
 
@@ -544,7 +635,24 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         help="also measure kiln with these knobs (repeatable), e.g. read_blocks=64,block_mb=8",
     )
+    parser.add_argument(
+        "--tuned",
+        action="store_true",
+        help="also measure the suggested library changes (see README): " + TUNED,
+    )
     parser.add_argument("--sweep", action="store_true", help="ingest: try the built-in knob list")
+    parser.add_argument(
+        "--no-default",
+        action="store_true",
+        help="skip the kiln-as-is variant (only the --knobs variants)",
+    )
+    parser.add_argument(
+        "--ray-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="environment for the local Ray started here (RAY_DATA_PARQUET_FOOTER_NUM_ACTORS=2)",
+    )
     parser.add_argument("--json", help="write every figure here as JSON")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[bench] %(message)s")
@@ -555,33 +663,62 @@ def main(argv: list[str] | None = None) -> int:
     info, _ = check_data(spec.data)
     files, columns = list(info.files.paths), [*info.features, spec.data.label]
     variants = [Knobs(), *(Knobs.parse(text) for text in args.knobs)]
+    names = {Knobs(): "kiln"}
+    if args.tuned:
+        tuned = Knobs.parse(f"{TUNED},read_blocks={args.shards}")
+        tuned_ingest = Knobs.parse(f"{TUNED},read_blocks={args.shards},{TUNED_INGEST}")
+        variants += [tuned, tuned_ingest]
+        names |= {tuned: "kiln+suggested", tuned_ingest: "kiln+suggested, batch 32768, no shuffle"}
+    if args.no_default:
+        variants = variants[1:]
     if args.sweep:
         variants = [Knobs.parse(text) for text in SWEEP]
     results: dict[str, Any] = {"rows": info.num_rows, "args": vars(args)}
+    train, ingest = args.only != "ingest", args.only != "train"
+    watch = Watch()
+    watch.start()
     try:
         pre = fit_local(spec)
-        if args.only != "ingest":
-            logger.info("torchrun reference...")
-            results["train"] = {"torchrun": run_torchrun(spec, pre, workdir)["epochs"]}
-        if args.only != "train":
+        if train:
+            # Before and after kiln (A-B-A): this machine's speed drifts by 10-20% over minutes.
+            logger.info("torchrun reference (before)...")
+            with watch.phase("torchrun (before)"):
+                run = run_torchrun(spec, pre, workdir)
+            results["train"] = {"torchrun (before)": run["epochs"]}
+        if ingest:
             logger.info("pyarrow reference...")
-            results["ingest"] = {
-                "pyarrow (read + numpy)": pyarrow_read(files, columns, "label", 3)["rows_per_s"],
-                "pyarrow (+ kiln transform)": pyarrow_transform(files, columns, pre),
-            }
-        with local_ray():
+            with watch.phase("pyarrow (read + numpy)"):
+                results["ingest"] = {
+                    "pyarrow (read + numpy)": pyarrow_read(files, columns, "label", 3)[
+                        "rows_per_s"
+                    ],
+                    "pyarrow (+ kiln transform)": pyarrow_transform(files, columns, pre),
+                }
+        for item in args.ray_env:  # inherited by the Ray processes started below
+            key, _, value = item.partition("=")
+            os.environ[key] = value
+        with local_ray(watch):
             for i, knobs in enumerate(variants):
-                name = "kiln" if knobs.default else f"kiln[{knobs.label()}]"
-                if args.only != "ingest" and not args.sweep:
+                name = names.get(knobs, f"kiln[{knobs.label()}]")
+                if train and not args.sweep and knobs.ingest_batch is None:
                     logger.info("kiln training: %s", knobs.label())
-                    run = kiln_train(spec, knobs, workdir / "runs" / f"train-{i}")
+                    with watch.phase(f"train {name}"):
+                        run = kiln_train(spec, knobs, workdir / "runs" / f"train-{i}")
                     results["train"][name] = run["epochs"]
-                if args.only != "train":
+                if ingest:
                     logger.info("kiln ingest: %s", knobs.label())
-                    run = kiln_ingest(spec, pre, knobs, args.ingest_epochs, workdir / f"ingest-{i}")
+                    with watch.phase(f"ingest {name}"):
+                        run = kiln_ingest(spec, pre, knobs, args.ingest_epochs, workdir / f"i{i}")
                     results["ingest"][name] = run["epochs"]
+        if train and not args.sweep:
+            logger.info("torchrun reference (after)...")
+            with watch.phase("torchrun (after)"):
+                run = run_torchrun(spec, pre, workdir)
+            results["train"]["torchrun (after)"] = run["epochs"]
     finally:
+        watch.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+    results["noisy"] = watch.noisy()
     report(results, args)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, default=str))

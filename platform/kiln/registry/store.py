@@ -27,9 +27,10 @@ from datetime import datetime, timezone
 from typing import Any
 
 import pyarrow.fs as pafs
-import safetensors.torch
 import torch
 from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 
 from kiln.errors import RegistryError
 from kiln.registry.lineage import environment
@@ -538,14 +539,14 @@ def _tensor_bytes(name: str, tensors: dict[str, torch.Tensor]) -> bytes:
             tensor = tensor.clone()
         storages.add(tensor.untyped_storage().data_ptr())
         prepared[key] = tensor
-    return safetensors.torch.save(prepared)
+    return save_safetensors(prepared)
 
 
 def _load_tensors(ref: str, blob: bytes | None) -> dict[str, torch.Tensor]:
     if blob is None:
         raise RegistryError(f"{ref}: {MODEL_FILE} is missing")
     try:
-        return safetensors.torch.load(blob)
+        return load_safetensors(blob)
     except SafetensorError as exc:
         raise RegistryError(f"{ref}: {MODEL_FILE} cannot be read ({exc})") from exc
 
