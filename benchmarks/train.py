@@ -492,12 +492,16 @@ def _ingest_loop(config: dict[str, Any]) -> None:
     micro, buffer = config["micro_batch"], config["shuffle_buffer"]
     for epoch in range(1, config["epochs"] + 1):
         start, rows, first = time.perf_counter(), 0, None
-        batches = shard.iter_torch_batches(
-            batch_size=micro,
-            local_shuffle_buffer_size=buffer * micro if buffer else None,
-            local_shuffle_seed=epoch if buffer else None,
-            prefetch_batches=config["prefetch"],
-        )
+        kwargs = {
+            "batch_size": micro,
+            "local_shuffle_buffer_size": buffer * micro if buffer else None,
+            "local_shuffle_seed": epoch if buffer else None,
+            "prefetch_batches": config["prefetch"],
+        }
+        if config["chunk"]:
+            batches: Any = _chunked(type(shard).iter_torch_batches, shard, config["chunk"], kwargs)
+        else:
+            batches = shard.iter_torch_batches(**kwargs)
         for batch in batches:
             if first is None:
                 first = time.perf_counter() - start
@@ -541,6 +545,7 @@ def kiln_ingest(
                 "micro_batch": micro,
                 "shuffle_buffer": buffer if spec.train.shuffle else 0,
                 "prefetch": knobs.prefetch,
+                "chunk": knobs.chunk,
             },
             scaling_config=ScalingConfig(num_workers=1, resources_per_worker=plan.worker_resources),
             torch_config=TorchConfig(backend="gloo"),
@@ -595,10 +600,11 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
     if train:
         first = next(iter(train.values()))
         header = "".join(f"{'epoch ' + str(e['epoch']):>11}" for e in first)
-        print(f"\n{'training samples/s':<{width}}{header}")
+        print(f"\n{'training samples/s':<{width}}{header}   last train loss")
         for name, run in train.items():
             label = name + (" *" if {name, f"train {name}"} & noisy else "")
-            print(f"{label:<{width}}" + "".join(f"{human(e['samples_per_s']):>11}" for e in run))
+            cells = "".join(f"{human(e['samples_per_s']):>11}" for e in run)
+            print(f"{label:<{width}}{cells}   {run[-1]['train_loss']:.4f}")
     if ingest:
         print(f"\n{'ingest rows/s into one worker':<{width}}   per epoch (first batch after s)")
         for name, run in ingest.items():
@@ -634,9 +640,9 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
                 )
 
 
-TUNED = "v1_read=true,pre_batch=0,cache=true"
+TUNED = "v1_read=true,pre_batch=0,cache=true,chunk=8"
 """The suggested library changes, as knobs (read_blocks = one read task per file is added)."""
-TUNED_INGEST = "ingest_batch=32768,shuffle_buffer=0"
+TUNED_INGEST = "ingest_batch=32768,shuffle_buffer=0,chunk=0"
 """Ingest only: large batches without the local shuffle buffer (what a big-batch model sees)."""
 
 SWEEP = [
