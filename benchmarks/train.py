@@ -1,7 +1,7 @@
 """Throughput of kiln's training and ingest paths against plain references, side by side.
 
     .venv/bin/python benchmarks/train.py                 # both figures, about 4-5 minutes
-    .venv/bin/python benchmarks/train.py --tuned         # + the suggested changes, about 6-7
+    .venv/bin/python benchmarks/train.py --before        # + kiln before the ingest changes
     .venv/bin/python benchmarks/train.py --only ingest --sweep   # try Ray Data knobs on ingest
 
 1. Steady training samples/s: `kiln.train.run.prepare` + `fit` (Ray Data read -> fitted
@@ -9,12 +9,13 @@
    from the per-epoch `samples_per_s` kiln reports, epochs >= 2; against the same model and
    DeepSpeed config under plain `torchrun` on in-memory tensors (benchmarks/_torchrun_baseline.py),
    also epochs >= 2.
-2. Ingest rows/s into one worker: a 1-worker TorchTrainer iterating `iter_torch_batches` over
-   `read_dataset -> preprocess_dataset` through kiln's DataConfig, no training; against one process
+2. Ingest rows/s into one worker: a 1-worker TorchTrainer whose loop only iterates kiln's
+   `iter_micro_batches` over the training dataset `prepare` builds (read -> preprocess, cached
+   per `data.cache`) through kiln's DataConfig, no training, epochs >= 2; against one process
    reading the same files with pyarrow into numpy.
 
-`--knobs key=value,...` also measures kiln with settings the library does not expose yet, applied
-by monkeypatching here (nothing under platform/ changes); see `Knobs` and benchmarks/README.md.
+`--knobs key=value,...` also measures kiln with other settings, applied by monkeypatching here
+(nothing under platform/ changes); see `Knobs` and benchmarks/README.md.
 Figures measured while another Ray shared the machine are marked with `*`.
 """
 
@@ -58,29 +59,23 @@ TRAIN_GOAL, INGEST_GOAL = 0.95, 0.85
 
 @dataclasses.dataclass(frozen=True)
 class Knobs:
+    v2_read: bool = False
+    """Read Parquet with Ray 2.60's default datasource V2 (kiln uses V1: see read_dataset)."""
     read_blocks: int | None = None
-    """`override_num_blocks` for read_dataset (kiln passes none: Ray decides). Ray 2.60's
-    parquet reader (datasource V2) ignores it; it applies with v1_read."""
-    v1_read: bool = False
-    """Build the read with DataContext.use_datasource_v2 off (Ray's V1 parquet reader)."""
+    """`override_num_blocks` for read_dataset (kiln: one read task per file)."""
     block_mb: float | None = None
     """DataContext.target_max_block_size in MB (Ray's default: 128)."""
-    pre_batch: int | None = 4096
-    """preprocess_dataset batch_size (kiln: 4096); 0 = whole blocks, fused into the read."""
-    prefetch: int = 2
-    """iter_torch_batches prefetch_batches in the worker (kiln: 2)."""
+    pre_batch: int | None = None
+    """preprocess_dataset batch_size (kiln: None = whole blocks, fused into the read)."""
+    cache: bool | str = "auto"
+    """data.cache: materialize the preprocessed datasets once (kiln: auto)."""
+    fetch_rows: int | None = None
+    """kiln.train.ingest.FETCH_ROWS in the workers: rows per Ray batch, cut into micro-batches
+    in torch (kiln: 16384; the micro-batch size = one Ray batch per step)."""
     preserve_order: bool = True
     """ExecutionOptions.preserve_order for the training split (kiln: True)."""
-    shuffle_buffer: int | None = None
-    """local_shuffle_buffer_size in micro-batches (kiln: 8 when train.shuffle)."""
-    cache: bool = False
-    """Materialize the preprocessed datasets once (object store) instead of re-reading and
-    re-transforming the files every epoch."""
     ingest_batch: int | None = None
-    """Ingest benchmark only: iter_torch_batches batch_size (default: the training micro-batch)."""
-    chunk: int = 0
-    """Training loop: fetch `chunk` micro-batches per iter_torch_batches batch and slice them in
-    torch, shuffling rows within the chunk instead of Ray's local shuffle buffer (0: off)."""
+    """Ingest benchmark only: micro-batch size (default: the training micro-batch)."""
     trace: bool = False
     """Workers print, per training epoch, the seconds spent waiting for the next batch."""
 
@@ -93,7 +88,7 @@ class Knobs:
             key, _, raw = item.partition("=")
             if key not in names:
                 raise SystemExit(f"--knobs: unknown knob {key!r}; choose from {sorted(names)}")
-            values[key] = None if raw.lower() == "none" else json.loads(raw.lower())
+            values[key] = None if raw.lower() == "none" else _value(raw)
         return cls(**values)
 
     def label(self) -> str:
@@ -105,45 +100,59 @@ class Knobs:
         return ",".join(changed) or "kiln as is"
 
 
+def _value(raw: str) -> Any:
+    try:
+        return json.loads(raw.lower())
+    except json.JSONDecodeError:
+        return raw
+
+
 @contextlib.contextmanager
 def driver_knobs(knobs: Knobs) -> Iterator[None]:
     """Patch the dataset-building side of kiln (driver) for `knobs`; undone on exit."""
     import ray.data
 
+    import kiln.data.source
     import kiln.train.ingest
     import kiln.train.run
     from kiln.data.pipeline import preprocess_dataset
     from kiln.data.source import read_dataset
 
     context = ray.data.DataContext.get_current()
-    saved_block, saved_v2 = context.target_max_block_size, context.use_datasource_v2
+    saved_block = context.target_max_block_size
     saved = (kiln.train.run.read_dataset, kiln.train.run.preprocess_dataset)
+    saved_v1 = kiln.data.source._read_parquet_v1
     saved_config = kiln.train.ingest.ValidationExactDataConfig
     if knobs.block_mb is not None:
         context.target_max_block_size = int(knobs.block_mb * 2**20)
-    if knobs.v1_read:
-        context.use_datasource_v2 = False
+    if knobs.v2_read:
+        kiln.data.source._read_parquet_v1 = _read_parquet_v2
     if knobs.read_blocks is not None:
         kiln.train.run.read_dataset = functools.partial(
             read_dataset, override_num_blocks=knobs.read_blocks
         )
-    if knobs.pre_batch != 4096 or knobs.cache:
+    if knobs.pre_batch is not None:
         kiln.train.run.preprocess_dataset = functools.partial(
-            _preprocess_with_knobs, preprocess_dataset, knobs
+            preprocess_dataset, batch_size=knobs.pre_batch
         )
     if not knobs.preserve_order:
         kiln.train.ingest.ValidationExactDataConfig = _unordered_config()
     try:
         yield
     finally:
-        context.target_max_block_size, context.use_datasource_v2 = saved_block, saved_v2
+        context.target_max_block_size = saved_block
         kiln.train.run.read_dataset, kiln.train.run.preprocess_dataset = saved
+        kiln.data.source._read_parquet_v1 = saved_v1
         kiln.train.ingest.ValidationExactDataConfig = saved_config
 
 
-def _preprocess_with_knobs(preprocess: Any, knobs: Knobs, *args: Any, **kwargs: Any) -> Any:
-    ds = preprocess(*args, batch_size=knobs.pre_batch or None, **kwargs)
-    return ds.materialize() if knobs.cache else ds
+def _read_parquet_v2(paths: list[str], kwargs: dict[str, Any]) -> Any:
+    """Ray's default Parquet read (datasource V2, which ignores override_num_blocks)."""
+    import ray.data
+
+    columns = kwargs.pop("columns", None)
+    dataset = ray.data.read_parquet(paths, **kwargs)
+    return dataset.select_columns(columns) if columns else dataset
 
 
 def _unordered_config() -> type:
@@ -179,47 +188,21 @@ def _unordered_config() -> type:
 
 
 def worker_knobs(knobs: Knobs) -> None:
-    """Inside a Ray Train worker: route iter_torch_batches through `knobs`."""
-    from ray.data.iterator import DataIterator
+    """Inside a Ray Train worker: apply `knobs` to kiln's fetching of training batches."""
+    import kiln.train.ingest
+    import kiln.train.loop
 
-    original = DataIterator.iter_torch_batches
-    if getattr(original, "_kiln_bench", False):
-        return
+    if knobs.fetch_rows is not None:
+        kiln.train.ingest.FETCH_ROWS = knobs.fetch_rows
+    if knobs.trace and not getattr(kiln.train.ingest.iter_micro_batches, "_kiln_bench", False):
+        original = kiln.train.ingest.iter_micro_batches
 
-    def patched(self: Any, *args: Any, **kwargs: Any) -> Any:
-        if kwargs.get("batch_size") == 4096:  # evaluation, not the training loop
-            return original(self, *args, **kwargs)
-        kwargs["prefetch_batches"] = knobs.prefetch
-        if knobs.shuffle_buffer is not None and kwargs.get("local_shuffle_buffer_size"):
-            buffer = knobs.shuffle_buffer * kwargs["batch_size"]
-            kwargs["local_shuffle_buffer_size"] = buffer or None
-        if knobs.chunk:
-            batches = _chunked(original, self, knobs.chunk, kwargs)
-        else:
-            batches = original(self, *args, **kwargs)
-        return _timed(batches) if knobs.trace else batches
+        def traced(*args: Any, **kwargs: Any) -> Any:
+            return _timed(original(*args, **kwargs))
 
-    patched._kiln_bench = True  # type: ignore[attr-defined]
-    DataIterator.iter_torch_batches = patched  # type: ignore[method-assign]
-
-
-def _chunked(original: Any, shard: Any, chunk: int, kwargs: dict[str, Any]) -> Iterator[Any]:
-    """Micro-batches sliced from `chunk`-times larger Ray batches, rows shuffled per chunk."""
-    import torch
-
-    micro = kwargs["batch_size"]
-    seed = kwargs.pop("local_shuffle_seed", None)
-    shuffle = kwargs.pop("local_shuffle_buffer_size", None) is not None
-    generator = torch.Generator().manual_seed(seed or 0)
-    for big in original(shard, **{**kwargs, "batch_size": chunk * micro}):
-        rows = len(big["y"])
-        order = torch.randperm(rows, generator=generator) if shuffle else None
-        for start in range(0, rows, micro):
-            if order is None:
-                yield {key: value[start : start + micro] for key, value in big.items()}
-            else:
-                index = order[start : start + micro]
-                yield {key: value[index] for key, value in big.items()}
+        traced._kiln_bench = True  # type: ignore[attr-defined]
+        kiln.train.ingest.iter_micro_batches = traced
+        kiln.train.loop.iter_micro_batches = traced
 
 
 def _timed(batches: Any) -> Iterator[Any]:
@@ -460,8 +443,9 @@ def kiln_train(spec: JobSpec, knobs: Knobs, run_dir: Path) -> dict[str, Any]:
     check = check_data(spec.data)
     resources = ray.cluster_resources()
     plan = plan_training(spec.train, cluster_cpus=float(resources.get("CPU", 0)), cluster_gpus=0)
+    spec = with_cache(spec, knobs)
     original_loop = kiln.train.loop.train_loop_per_worker
-    if knobs.prefetch != 2 or knobs.shuffle_buffer is not None or knobs.trace or knobs.chunk:
+    if knobs.fetch_rows is not None or knobs.trace:
         kiln.train.loop.train_loop_per_worker = functools.partial(_loop_with_knobs, knobs=knobs)
     try:
         with driver_knobs(knobs):
@@ -484,25 +468,23 @@ def kiln_train(spec: JobSpec, knobs: Knobs, run_dir: Path) -> dict[str, Any]:
     }
 
 
+def with_cache(spec: JobSpec, knobs: Knobs) -> JobSpec:
+    data = spec.data.model_copy(update={"cache": knobs.cache})
+    return spec.model_copy(update={"data": data})
+
+
 def _ingest_loop(config: dict[str, Any]) -> None:
-    """A Ray Train worker that only iterates its shard, the way kiln's loop does, and times it."""
+    """A Ray Train worker that only iterates its shard the way kiln's loop does, timing it."""
     import ray.train
 
+    from kiln.train.ingest import iter_micro_batches
+
+    worker_knobs(config["knobs"])
     shard = ray.train.get_dataset_shard("train")
-    micro, buffer = config["micro_batch"], config["shuffle_buffer"]
     for epoch in range(1, config["epochs"] + 1):
         start, rows, first = time.perf_counter(), 0, None
-        kwargs = {
-            "batch_size": micro,
-            "local_shuffle_buffer_size": buffer * micro if buffer else None,
-            "local_shuffle_seed": epoch if buffer else None,
-            "prefetch_batches": config["prefetch"],
-        }
-        if config["chunk"]:
-            batches: Any = _chunked(type(shard).iter_torch_batches, shard, config["chunk"], kwargs)
-        else:
-            batches = shard.iter_torch_batches(**kwargs)
-        for batch in batches:
+        seed = epoch if config["shuffle"] else None
+        for batch in iter_micro_batches(shard, config["micro_batch"], shuffle_seed=seed):
             if first is None:
                 first = time.perf_counter() - start
             rows += len(batch["y"])
@@ -513,43 +495,34 @@ def _ingest_loop(config: dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
-def kiln_ingest(
-    spec: JobSpec, pre: Preprocessor, knobs: Knobs, epochs: int, run_dir: Path
-) -> dict[str, Any]:
-    """Rows/s one Ray Train worker gets from read_dataset -> preprocess_dataset (no training)."""
+def kiln_ingest(spec: JobSpec, knobs: Knobs, epochs: int, run_dir: Path) -> dict[str, Any]:
+    """Rows/s one Ray Train worker gets from kiln's prepared training dataset (no training)."""
     import ray
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     import kiln.train.ingest
-    import kiln.train.run
     from kiln.cluster import plan_training
+    from kiln.train.run import prepare
 
-    one = spec.train.model_copy(update={"num_workers": 1})
+    spec = with_cache(spec, knobs)
+    one = spec.model_copy(update={"train": spec.train.model_copy(update={"num_workers": 1})})
     resources = ray.cluster_resources()
-    plan = plan_training(one, cluster_cpus=float(resources.get("CPU", 0)), cluster_gpus=0)
-    info, _ = check_data(spec.data)
+    plan = plan_training(one.train, cluster_cpus=float(resources.get("CPU", 0)), cluster_gpus=0)
     with driver_knobs(knobs):
-        # The same calls `prepare` makes, through the (possibly patched) names it uses.
-        remote = {"num_cpus": plan.data_task_cpus}
-        columns = [*info.features, spec.data.label]
-        ds = kiln.train.run.read_dataset(info.files, columns=columns, ray_remote_args=remote)
-        ds = kiln.train.run.preprocess_dataset(ds, pre, num_cpus=plan.data_task_cpus)
+        prepared = prepare(one, plan, check_data(one.data), run_dir=str(run_dir))
         micro = spec.train.batch_size // (spec.train.num_workers * spec.train.deepspeed.grad_accum)
-        buffer = knobs.shuffle_buffer if knobs.shuffle_buffer is not None else 8
-        micro = knobs.ingest_batch or micro
         trainer = TorchTrainer(
             _ingest_loop,
             train_loop_config={
                 "epochs": epochs,
-                "micro_batch": micro,
-                "shuffle_buffer": buffer if spec.train.shuffle else 0,
-                "prefetch": knobs.prefetch,
-                "chunk": knobs.chunk,
+                "micro_batch": knobs.ingest_batch or micro,
+                "shuffle": spec.train.shuffle,
+                "knobs": knobs,
             },
             scaling_config=ScalingConfig(num_workers=1, resources_per_worker=plan.worker_resources),
             torch_config=TorchConfig(backend="gloo"),
-            datasets={"train": ds},
+            datasets={"train": prepared.datasets["train"]},
             dataset_config=kiln.train.ingest.ValidationExactDataConfig(),
             run_config=RunConfig(
                 name=run_dir.name,
@@ -561,7 +534,7 @@ def kiln_ingest(
     if result.error is not None:
         raise result.error
     runs = sorted((m for _, m in result.best_checkpoints), key=lambda m: m["epoch"])
-    return {"epochs": runs, "micro_batch": micro, "plan": plan.describe()}
+    return {"epochs": runs, "micro_batch": knobs.ingest_batch or micro, "plan": plan.describe()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -640,22 +613,20 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
                 )
 
 
-TUNED = "v1_read=true,pre_batch=0,cache=true,chunk=8"
-"""The suggested library changes, as knobs (read_blocks = one read task per file is added)."""
-TUNED_INGEST = "ingest_batch=32768,shuffle_buffer=0,chunk=0"
-"""Ingest only: large batches without the local shuffle buffer (what a big-batch model sees)."""
+BEFORE = "v2_read=true,pre_batch=4096,cache=false,fetch_rows=1"
+"""kiln before the changes these measurements led to (Ray's default reader, 4096-row
+preprocessing batches, no caching, one Ray batch per micro-batch)."""
 
 SWEEP = [
     "",
-    "v1_read=true",
-    "v1_read=true,read_blocks=16",
-    "v1_read=true,pre_batch=0",
-    "v1_read=true,pre_batch=0,preserve_order=false",
-    "v1_read=true,pre_batch=0,prefetch=8",
-    "v1_read=true,pre_batch=0,ingest_batch=4096",
-    "v1_read=true,pre_batch=0,cache=true",
-    "v1_read=true,pre_batch=0,cache=true,ingest_batch=4096,shuffle_buffer=0",
-    "v1_read=true,pre_batch=0,cache=true,ingest_batch=32768,shuffle_buffer=0",
+    "cache=false",
+    "cache=false,pre_batch=4096",
+    "cache=false,v2_read=true",
+    "fetch_rows=1",
+    "fetch_rows=4096",
+    "fetch_rows=65536",
+    "preserve_order=false",
+    "ingest_batch=32768",
 ]
 
 
@@ -679,9 +650,9 @@ def main(argv: list[str] | None = None) -> int:
         help="also measure kiln with these knobs (repeatable), e.g. read_blocks=64,block_mb=8",
     )
     parser.add_argument(
-        "--tuned",
+        "--before",
         action="store_true",
-        help="also measure the suggested library changes (see README): " + TUNED,
+        help="also measure kiln as it was before the ingest changes: " + BEFORE,
     )
     parser.add_argument("--sweep", action="store_true", help="ingest: try the built-in knob list")
     parser.add_argument(
@@ -707,11 +678,10 @@ def main(argv: list[str] | None = None) -> int:
     files, columns = list(info.files.paths), [*info.features, spec.data.label]
     variants = [Knobs(), *(Knobs.parse(text) for text in args.knobs)]
     names = {Knobs(): "kiln"}
-    if args.tuned:
-        tuned = Knobs.parse(f"{TUNED},read_blocks={args.shards}")
-        tuned_ingest = Knobs.parse(f"{TUNED},read_blocks={args.shards},{TUNED_INGEST}")
-        variants += [tuned, tuned_ingest]
-        names |= {tuned: "kiln+suggested", tuned_ingest: "kiln+suggested, batch 32768, no shuffle"}
+    if args.before:
+        before = Knobs.parse(BEFORE)
+        variants.append(before)
+        names[before] = "kiln before"
     if args.no_default:
         variants = variants[1:]
     if args.sweep:
@@ -751,7 +721,7 @@ def main(argv: list[str] | None = None) -> int:
                 if ingest:
                     logger.info("kiln ingest: %s", knobs.label())
                     with watch.phase(f"ingest {name}"):
-                        run = kiln_ingest(spec, pre, knobs, args.ingest_epochs, workdir / f"i{i}")
+                        run = kiln_ingest(spec, knobs, args.ingest_epochs, workdir / f"i{i}")
                     results["ingest"][name] = run["epochs"]
         if train and not args.sweep:
             logger.info("torchrun reference (after)...")

@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from kiln.config.spec import JobSpec
 from kiln.models import build_model
 from kiln.train.engine import build_engine, full_state_dict
+from kiln.train.ingest import iter_micro_batches
 from kiln.train.metrics import ClassificationMeter, RegressionMeter
 
 logger = logging.getLogger("kiln.train")
@@ -50,6 +51,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
+    nodes = _worker_nodes(world)
+    if rank == 0:
+        logger.info("%d workers on nodes %s", world, nodes)
     torch.manual_seed(spec.train.seed)
 
     model = build_model(
@@ -71,14 +75,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
         engine.train()
         epoch_start, seen, loss_sum = time.perf_counter(), 0, 0.0
         window_start, window_rows = time.perf_counter(), 0
-        batches = train_shard.iter_torch_batches(
-            batch_size=micro_batch,
-            device=device,
-            local_shuffle_buffer_size=8 * micro_batch if spec.train.shuffle else None,
-            local_shuffle_seed=spec.train.seed + epoch if spec.train.shuffle else None,
-            prefetch_batches=2,
-        )
-        for batch in batches:
+        seed = spec.train.seed + epoch if spec.train.shuffle else None
+        for batch in iter_micro_batches(train_shard, micro_batch, shuffle_seed=seed, device=device):
             loss = loss_fn(_forward(engine, batch, dtype).float(), batch["y"])
             engine.backward(loss)
             engine.step()
@@ -110,6 +108,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
             "samples_per_s": _global_sum(seen, device) / max(train_time, 1e-9),
             "lr": float(engine.get_lr()[0]),
             "resumed_from_epoch": resumed_from,
+            "worker_nodes": nodes,
         }
         metrics |= evaluate(engine, val_shard, config, spec, device, dtype)
         if rank == 0:
@@ -207,6 +206,18 @@ def _resume(engine: Any) -> tuple[int, int, list[dict[str, Any]]]:
     return int(state["epoch"]) + 1, int(state["step"]), list(state.get("history", []))
 
 
+def _worker_nodes(world: int) -> str:
+    """The Ray node id of every rank, in rank order, comma-separated."""
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    if not dist.is_initialized():
+        return node
+    nodes: list[Any] = [None] * world
+    dist.all_gather_object(nodes, node)
+    return ",".join(str(n) for n in nodes)
+
+
 def _input_dtype(spec: JobSpec) -> torch.dtype:
     precision = spec.train.deepspeed.precision
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
@@ -236,6 +247,7 @@ def _format_metrics(metrics: dict[str, Any]) -> str:
     return " ".join(
         f"{key} {value:.4f}" if isinstance(value, float) else f"{key} {value}"
         for key, value in metrics.items()
+        if key != "worker_nodes"  # logged once at the start
     )
 
 
