@@ -12,6 +12,8 @@ deployment, model deployment, `@serve.batch`) adds on top of the same work.
    p50 and p99. Goals: kiln/bare p50 <= 1.15, p99 <= 1.3.
 2. Max QPS: `--clients` threads, each with its own keep-alive connection, for `--duration` s.
 3. Batching: kiln QPS at `--clients` with `max_batch_size` 32 against `max_batch_size` 1.
+4. Ray Serve's floor: the latency of a FastAPI Serve app that answers a constant (no model, no
+   kiln code), for context: what any Ray Serve application pays for the proxy hop here.
 
 The bare server is `uvicorn` in a subprocess (this file with `--bare-port`) serving POST /predict;
 it runs before Ray starts, so it does not share the CPUs with an idle Ray. The kiln app is
@@ -219,8 +221,44 @@ def kiln_spec(args: argparse.Namespace, port: int, batch: int) -> dict[str, Any]
     }
 
 
-def measure_kiln(args: argparse.Namespace, body: bytes) -> tuple[dict[str, float], float]:
-    """Latency and QPS with max_batch_size 32, then QPS with max_batch_size 1."""
+def _floor_app() -> Any:
+    """A FastAPI Serve deployment that reads the body and answers a constant."""
+    from fastapi import FastAPI
+    from fastapi.responses import Response
+    from ray import serve
+
+    app = FastAPI()
+
+    async def floor(request: Request) -> Response:
+        await request.body()
+        return Response(b'{"predictions": []}', media_type="application/json")
+
+    # Registered on the app directly: FastAPI resolves the annotation of a module-level function
+    # (this module imports Request), which a method of a class built in here would not get.
+    app.add_api_route("/floor", floor, methods=["POST"])
+    return serve.deployment(
+        serve.ingress(app)(type("Floor", (), {})), ray_actor_options={"num_cpus": 0.5}
+    )
+
+
+def serve_floor(port: int, body: bytes, n: int, warmup: int) -> dict[str, float]:
+    """Latency of Ray Serve itself: a FastAPI ingress that reads the body and answers a constant,
+    no model and no kiln code (what any Serve app pays for the proxy hop)."""
+    from ray import serve
+
+    serve.run(_floor_app().bind(), name="floor", route_prefix="/")
+    wait_ready(port, "/floor", body)
+    try:
+        return latency(port, "/floor", body, n, warmup)
+    finally:
+        serve.delete("floor")
+
+
+def measure_kiln(
+    args: argparse.Namespace, body: bytes
+) -> tuple[dict[str, float], float, dict[str, float]]:
+    """Latency and QPS with max_batch_size 32, then QPS with max_batch_size 1, then Serve's own
+    floor latency."""
     import ray
     from ray import serve
 
@@ -251,7 +289,8 @@ def measure_kiln(args: argparse.Namespace, body: bytes) -> tuple[dict[str, float
         wait_ready(port, path, body)
         throughput(port, path, body, args.clients, 1.0)  # warm-up
         unbatched = throughput(port, path, body, args.clients, args.duration)
-        return result, unbatched
+        serve.delete("kiln")
+        return result, unbatched, serve_floor(port, body, args.requests, args.warmup)
     finally:
         try:
             serve.shutdown()
@@ -273,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=50, help="requests before timing")
     parser.add_argument("--clients", type=int, default=32, help="concurrent clients for QPS")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per QPS run")
-    parser.add_argument("--batch-wait", type=float, default=0.005, help="batch_wait_timeout_s")
+    parser.add_argument("--batch-wait", type=float, default=0.0, help="batch_wait_timeout_s")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in each server")
     parser.add_argument("--bare-port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -288,11 +327,13 @@ def main(argv: list[str] | None = None) -> int:
     body = request_body(args.data, features)
     started = time.monotonic()
     bare = measure_bare(args, body)
-    kiln, unbatched = measure_kiln(args, body)
+    kiln, unbatched, floor = measure_kiln(args, body)
 
-    print(f"\n{'':<22}{'kiln (batch 32)':>16}{'bare FastAPI':>14}{'kiln (batch 1)':>16}")
-    print(f"{'p50 latency, ms':<22}{kiln['p50']:>16.2f}{bare['p50']:>14.2f}{'':>16}")
-    print(f"{'p99 latency, ms':<22}{kiln['p99']:>16.2f}{bare['p99']:>14.2f}{'':>16}")
+    header = f"{'kiln (batch 32)':>16}{'bare FastAPI':>14}{'kiln (batch 1)':>16}"
+    print(f"\n{'':<22}{header}{'Serve, no model':>17}")
+    for key in ("p50", "p99"):
+        cells = f"{kiln[key]:>16.2f}{bare[key]:>14.2f}{'':>16}{floor[key]:>17.2f}"
+        print(f"{key + ' latency, ms':<22}{cells}")
     qps = f"QPS, {args.clients} clients"
     print(f"{qps:<22}{kiln['qps']:>16.1f}{bare['qps']:>14.1f}{unbatched:>16.1f}")
     print()
@@ -308,6 +349,11 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"batching ({args.clients} clients): batch 32 {kiln['qps']:.1f} QPS, batch 1 "
         f"{unbatched:.1f} QPS, ratio {kiln['qps'] / unbatched:.2f}"
+    )
+    print(
+        f"Ray Serve floor (FastAPI ingress answering a constant): p50 {floor['p50']:.1f} ms = "
+        f"{floor['p50'] / bare['p50']:.2f}x bare; kiln above it: "
+        f"{kiln['p50'] - floor['p50']:.1f} ms"
     )
     print(f"(total {time.monotonic() - started:.0f} s)")
     return 0

@@ -484,6 +484,41 @@ def test_serve_build_writes_a_deployable_config(
     assert TOKEN not in yaml.safe_dump(serve_config)
 
 
+def test_one_model_app_runs_the_model_inside_the_ingress(
+    server: str, registry: str, test_rows: pa.Table
+) -> None:
+    """One model with one version: no separate model deployment (one hop less per request),
+    and the same answers, readiness and health checks."""
+    from ray import serve
+
+    from kiln.inference.serve import build_app, serve_config
+    from kiln.inference.serve_spec import validate_serve_spec
+
+    spec = {
+        "name": "solo",
+        "route_prefix": "/solo",
+        "registry": registry,
+        "models": [{"ref": "digits-mlp:2", "ray_actor_options": {"num_cpus": 0.1}}],
+    }
+    [application] = serve_config(validate_serve_spec(spec))["applications"]
+    assert [d["name"] for d in application["deployments"]] == ["kiln-ingress"]
+    serve.run(build_app(spec), name="solo", route_prefix="/solo")
+    try:
+        deployments = serve.status().applications["solo"].deployments
+        assert set(deployments) == {"kiln-ingress"}
+        ready = requests.get(f"{server}/solo/v2/health/ready", timeout=TIMEOUT)
+        assert (ready.status_code, ready.json()) == (200, {"ready": True})
+        response = post(f"{server}/solo/v2/models/digits-mlp/infer", matrix(test_rows))
+        assert response.status_code == 200, response.text
+        [prediction] = [o for o in response.json()["outputs"] if o["name"] == "prediction"]
+        expected = Predictor(registry, "digits-mlp:2").predict_table(test_rows)
+        assert prediction["data"] == expected["prediction"].tolist()
+        bad = post(f"{server}/solo/v1/models/digits-mlp:predict", {"instances": [{"px_00": 1}]})
+        assert bad.status_code == 400, bad.text
+    finally:
+        serve.delete("solo")
+
+
 # ---- autoscaling under load ----------------------------------------------------------------------
 
 

@@ -100,7 +100,7 @@ class ModelServer:
         score (the other requests of the batch are unaffected)."""
         return await self._predict_batch(table)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
     async def _predict_batch(self, tables: list[pa.Table]) -> list[dict[str, Any]]:
         self._batch_size.observe(len(tables), tags=self._tags)
         # A worker thread runs the forward pass, so the event loop keeps filling the next batch.
@@ -225,6 +225,29 @@ class _Served:
         )
 
 
+class _LocalMethod:
+    """`method.remote(...)` of a deployment handle, for a ModelServer in this process."""
+
+    def __init__(self, function: Any) -> None:
+        self._function = function
+
+    def remote(self, *args: Any) -> asyncio.Task[Any]:
+        # A Task is awaitable and has cancel(), like a DeploymentResponse.
+        return asyncio.ensure_future(self._function(*args))
+
+
+class _LocalHandle:
+    """A ModelServer inside the ingress replica, called the way a deployment handle is."""
+
+    def __init__(self, server: ModelServer) -> None:
+        self.server = server
+        self.predict = _LocalMethod(server.predict)
+        self.ping = _LocalMethod(self._ping)
+
+    async def _ping(self) -> str:
+        return self.server.ping()
+
+
 class Ingress:
     """HTTP in front of the model deployments: auth, limits, validation, canary, errors.
 
@@ -232,11 +255,19 @@ class Ingress:
         spec: the serve spec as JSON (`ServeSpec.model_dump(mode="json")`).
         routes: per served model, `{"name", "variants": [{"ref", "weight", "schema",
             "handle"}]}` with a deployment handle per version.
+        colocated: ModelServer arguments when the one model runs inside this replica
+            (`ingress.colocate`); its variant's handle is then None in `routes`.
     """
 
-    def __init__(self, spec: dict[str, Any], routes: list[dict[str, Any]]) -> None:
+    def __init__(
+        self,
+        spec: dict[str, Any],
+        routes: list[dict[str, Any]],
+        colocated: dict[str, Any] | None = None,
+    ) -> None:
         self.spec = validate_serve_spec(spec, "ingress spec")
         self._token = load_token(self.spec.auth)
+        self._local = _LocalHandle(ModelServer(**colocated)) if colocated else None
         self.models = {
             route["name"]: _Served(
                 route["name"],
@@ -244,7 +275,7 @@ class Ingress:
                     _Variant(
                         ModelInfo.from_schema(route["name"], v["ref"], v["schema"]),
                         v["weight"],
-                        v["handle"],
+                        self._local if v["handle"] is None else v["handle"],
                     )
                     for v in route["variants"]
                 ],
@@ -266,6 +297,11 @@ class Ingress:
             boundaries=_LATENCY_MS,
             tag_keys=_ROUTE_TAGS,
         )
+
+    def check_health(self) -> None:
+        """Serve's health check: a colocated model must still predict finite outputs."""
+        if self._local is not None:
+            self._local.server.check_health()
 
     # ---- OIP: health and metadata ----------------------------------------------------------------
 
@@ -520,7 +556,7 @@ def build_app(args: dict[str, Any]) -> Application:
     spec = validate_serve_spec(args, "serve application args")
     spec = absolute_paths(spec)
     registry = Registry(spec.registry)
-    routes = []
+    routes, colocated = [], None
     for index, model in enumerate(spec.models):
         variants: list[dict[str, Any]] = []
         versions: dict[int, str] = {}
@@ -537,23 +573,28 @@ def build_app(args: dict[str, Any]) -> Application:
                 )
             versions[mv.version] = variant.ref
             schema = registry.read_document(mv, "model.json")["input_schema"]
-            server = MODEL_SERVER.options(**model_deployment_options(model, variant.ref)).bind(
-                spec.registry,
-                mv.ref,
-                model.served_name,
-                "cuda" if model.ray_actor_options.num_gpus > 0 else "cpu",
-                model.batching.max_batch_size,
-                model.batching.batch_wait_timeout_s,
-            )
+            server_args = {
+                "registry": spec.registry,
+                "ref": mv.ref,
+                "served_name": model.served_name,
+                "device": "cuda" if model.ray_actor_options.num_gpus > 0 else "cpu",
+                "max_batch_size": model.batching.max_batch_size,
+                "batch_wait_timeout_s": model.batching.batch_wait_timeout_s,
+            }
+            if spec.colocated:
+                colocated, handle = server_args, None
+            else:
+                options = model_deployment_options(model, variant.ref)
+                handle = MODEL_SERVER.options(**options).bind(**server_args)
             variants.append(
-                {"ref": mv.ref, "weight": variant.weight, "schema": schema, "handle": server}
+                {"ref": mv.ref, "weight": variant.weight, "schema": schema, "handle": handle}
             )
             logger.info(
                 "%s: %s -> %s (weight %s)", model.served_name, variant.ref, mv.ref, variant.weight
             )
         routes.append({"name": model.served_name, "variants": variants})
     return INGRESS_SERVER.options(**ingress_deployment_options(spec)).bind(
-        spec.model_dump(mode="json"), routes
+        spec.model_dump(mode="json"), routes, colocated
     )
 
 
@@ -591,7 +632,10 @@ def model_deployment_options(model: ModelServeSpec, ref: str) -> dict[str, Any]:
 
 
 def ingress_deployment_options(spec: ServeSpec) -> dict[str, Any]:
-    """Serve options of the ingress deployment."""
+    """Serve options of the ingress deployment; a colocated one takes its model's options."""
+    if spec.colocated:
+        model = spec.models[0]
+        return {**model_deployment_options(model, model.variants[0].ref), "name": INGRESS}
     return {
         "name": INGRESS,
         "num_replicas": spec.ingress.num_replicas,
@@ -618,6 +662,7 @@ def serve_config(spec: ServeSpec) -> dict[str, Any]:
         model_deployment_options(model, variant.ref)
         for model in spec.models
         for variant in model.variants
+        if not spec.colocated
     ]
     return {
         "proxy_location": "EveryNode",

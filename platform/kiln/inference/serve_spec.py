@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -68,8 +68,10 @@ class VersionSpec(_Spec):
 class BatchingSpec(_Spec):
     max_batch_size: int = Field(default=16, ge=1)
     """Most requests combined into one forward pass."""
-    batch_wait_timeout_s: float = Field(default=0.005, ge=0.0)
-    """Longest wait for a batch to fill after its first request arrives."""
+    batch_wait_timeout_s: float = Field(default=0.0, ge=0.0)
+    """Longest wait for a batch to fill after its first request arrives. 0: no added latency;
+    a batch takes every request that queued while the replica ran the previous one, so batches
+    still form under load."""
 
 
 class AutoscalingSpec(_Spec):
@@ -181,8 +183,13 @@ class ModelServeSpec(_Spec):
 
 
 class IngressSpec(_Spec):
+    colocate: bool | Literal["auto"] = "auto"
+    """Run the model inside the ingress replicas, saving a hop per request. `auto`: when the
+    application serves one model with one version (no canary split). A colocated ingress takes
+    the model's replicas, autoscaling and actor options; `num_replicas` and `num_cpus` below
+    then do not apply."""
     num_replicas: int = Field(default=1, ge=1)
-    """HTTP ingress replicas (auth, validation, routing; no model inside)."""
+    """HTTP ingress replicas (auth, validation, routing; no model inside unless colocated)."""
     max_ongoing_requests: int = Field(default=256, ge=1)
     """Requests one ingress replica handles at once."""
     max_queued_requests: int = Field(default=256, ge=-1)
@@ -214,6 +221,12 @@ class ServeSpec(_Spec):
     models: list[ModelServeSpec] = Field(min_length=1)
     """The models served."""
 
+    @property
+    def colocated(self) -> bool:
+        """Whether the model runs inside the ingress replicas (`ingress.colocate`)."""
+        single = len(self.models) == 1 and len(self.models[0].variants) == 1
+        return single if self.ingress.colocate == "auto" else bool(self.ingress.colocate)
+
     @model_validator(mode="after")
     def _unique_names(self) -> ServeSpec:
         names = [m.served_name for m in self.models]
@@ -222,6 +235,12 @@ class ServeSpec(_Spec):
             raise ValueError(f"models: served name {twice[0]!r} appears twice; set models[].name")
         if not self.route_prefix.startswith("/"):
             raise ValueError("route_prefix must start with '/'")
+        single = len(self.models) == 1 and len(self.models[0].variants) == 1
+        if self.ingress.colocate is True and not single:
+            raise ValueError(
+                "ingress.colocate: true needs exactly one model with one version "
+                "(a canary split or several models run as separate deployments)"
+            )
         return self
 
 
