@@ -1,0 +1,44 @@
+"""Turning a job spec into the command line of the kiln command that runs it on the cluster."""
+
+from __future__ import annotations
+
+from kiln.config import load_spec
+from kiln.errors import KilnError
+
+
+def score_argv(spec_path: str, overrides: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """`kiln score ...` arguments for the spec's `score` section.
+
+    Raises:
+        KilnError: a bad spec, or one without a `score` section.
+    """
+    spec = load_spec(spec_path, list(overrides))
+    score = spec.score
+    if score is None:
+        raise KilnError(f"{spec_path}: no `score` section (model, input, output) to run")
+    low, high = score.concurrency
+    argv = [
+        "score",
+        score.model or f"{spec.name}@production",
+        "--input",
+        score.input,
+        "--output",
+        score.output,
+        "--format",
+        score.format,
+        "--batch-size",
+        str(score.batch_size),
+        "--concurrency",
+        f"{low}:{high}",
+        "--on-error",
+        score.on_error,
+        "--cpus-per-worker",
+        str(score.cpus_per_worker),
+        "--registry",
+        spec.registry,
+    ]
+    if score.key:
+        argv += ["--key", score.key]
+    if score.overwrite:
+        argv.append("--overwrite")
+    return argv
