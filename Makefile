@@ -1,5 +1,5 @@
-# kiln: `make demo` runs the whole lifecycle on a local Ray (data, train, register, promote,
-# score, serve); `make test` runs every test.
+# kiln: `make demo` runs the whole lifecycle on a local Ray (data, train, an ASHA sweep whose
+# best model is registered and promoted, score, serve); `make test` runs every test.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -8,7 +8,7 @@ KILN := $(BIN)/kiln
 DEMO_DATA ?= data/digits
 DEMO_PORT ?= 8000
 
-.PHONY: install demo test test-fast lint format bench clean
+.PHONY: install demo test test-fast lint format bench bench-tune clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,8 @@ demo: install
 	$(KILN) data example digits $(DEMO_DATA) --overwrite
 	$(KILN) validate jobs/configs/digits-mlp.yaml
 	$(KILN) train jobs/configs/digits-mlp.yaml
+	$(KILN) plan jobs/configs/digits-sweep.yaml
+	$(KILN) tune jobs/configs/digits-sweep.yaml
 	$(KILN) models promote digits-mlp@latest production
 	$(KILN) models list digits-mlp
 	$(KILN) score digits-mlp@production --input $(DEMO_DATA)/test --output out/scores --overwrite
@@ -47,6 +49,9 @@ test-fast: install
 
 bench: install
 	$(BIN)/python benchmarks/train.py
+
+bench-tune: install
+	$(BIN)/python benchmarks/tune.py
 
 clean:
 	rm -rf .kiln data/digits out .pytest_cache .mypy_cache .ruff_cache

@@ -50,13 +50,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.set_defaults(handler=lambda _args: _print_help(parser))
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
-    from kiln.cli import data_cmd, models_cmd, score_cmd, serve_cmd, train_cmd
+    from kiln.cli import data_cmd, models_cmd, score_cmd, serve_cmd, train_cmd, tune_cmd
 
     train_cmd.add_commands(commands)
     data_cmd.add_commands(commands)
     models_cmd.add_commands(commands)
     score_cmd.add_commands(commands)
     serve_cmd.add_commands(commands)
+    tune_cmd.add_commands(commands)
+    from kiln.cli import k8s_cmd
+
+    k8s_cmd.add_commands(commands)
+    from kiln.cli import jobs_cmd
+
+    jobs_cmd.add_commands(commands)
     return parser
 
 

@@ -98,3 +98,82 @@ def plan_training(train: TrainSpec, *, cluster_cpus: float, cluster_gpus: float)
             "train.resources_per_worker, or add nodes"
         )
     return ResourcePlan(worker, data_task_cpus, cluster_cpus, cluster_gpus)
+
+
+TRIAL_DRIVER_CPUS = 0.01
+"""What each Tune trial's own actor asks for: it only drives its TorchTrainer (0 is refused)."""
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    trial: ResourcePlan
+    """Each trial's training workers and Ray Data tasks."""
+    num_workers: int
+    """Training workers per trial."""
+    data_cpus: float
+    """CPUs kept free per running trial for its Ray Data reading."""
+    concurrent_trials: int
+    """Trials running at once."""
+    cluster_cpus: float
+    cluster_gpus: float
+
+    @property
+    def trial_cpus(self) -> float:
+        """CPUs one running trial accounts for: workers, Ray Data's reserve, the trial actor."""
+        workers = self.trial.worker_resources.get("CPU", 0.0) * self.num_workers
+        return workers + self.data_cpus + TRIAL_DRIVER_CPUS
+
+    @property
+    def trial_gpus(self) -> float:
+        return self.trial.worker_resources.get("GPU", 0.0) * self.num_workers
+
+    def describe(self) -> str:
+        """One line for the log."""
+        return (
+            f"{self.concurrent_trials} concurrent trials x ({self.num_workers} workers x "
+            f"{self.trial.worker_resources} + {self.data_cpus:g} CPU for Ray Data) = "
+            f"{self.trial_cpus * self.concurrent_trials:.2f} of {self.cluster_cpus:g} CPUs"
+        )
+
+
+def plan_sweep(
+    train: TrainSpec,
+    *,
+    num_trials: int,
+    max_concurrent_trials: int | None,
+    cluster_cpus: float,
+    cluster_gpus: float,
+) -> SweepPlan:
+    """Size a sweep: each trial's workers as for one training run, and as many concurrent
+    trials as fit with Ray Data's reserve beside every one of them, so no trial's reading can
+    starve behind another trial's workers.
+
+    Args:
+        num_trials: trials the sweep will run at most (no point planning more at once).
+        max_concurrent_trials: what the spec asks for; None sizes it to the cluster.
+
+    Raises:
+        KilnError: one trial alone cannot fit, or the concurrency asked for cannot, with the
+            numbers.
+    """
+    trial = plan_training(
+        train, cluster_cpus=cluster_cpus - TRIAL_DRIVER_CPUS, cluster_gpus=cluster_gpus
+    )
+    plan = SweepPlan(trial, train.num_workers, train.data_cpus, 1, cluster_cpus, cluster_gpus)
+    fits = int((cluster_cpus + 1e-9) // plan.trial_cpus)
+    if plan.trial_gpus > 0:
+        fits = min(fits, int((cluster_gpus + 1e-9) // plan.trial_gpus))
+    if max_concurrent_trials is not None and max_concurrent_trials > fits:
+        raise KilnError(
+            f"tune.max_concurrent_trials={max_concurrent_trials}: each trial takes "
+            f"{plan.trial_cpus:.2f} CPUs ({train.num_workers} workers x "
+            f"{trial.worker_resources.get('CPU', 0.0):g} CPU + {train.data_cpus:g} for Ray Data "
+            f"+ {TRIAL_DRIVER_CPUS} for the trial) and {plan.trial_gpus:g} GPUs, so "
+            f"{max_concurrent_trials} need {plan.trial_cpus * max_concurrent_trials:.2f} CPUs "
+            f"and {plan.trial_gpus * max_concurrent_trials:g} GPUs; the cluster has "
+            f"{cluster_cpus:g} CPUs and {cluster_gpus:g} GPUs, room for {fits}"
+        )
+    concurrent = max(1, min(max_concurrent_trials or fits, fits, num_trials))
+    return SweepPlan(
+        trial, train.num_workers, train.data_cpus, concurrent, cluster_cpus, cluster_gpus
+    )

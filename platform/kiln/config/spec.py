@@ -56,6 +56,11 @@ class DataSpec(_Spec):
     """Classification (labels may be ints or strings) or regression (numeric label)."""
     preprocess: PreprocessSpec = Field(default_factory=PreprocessSpec)
     """Preprocessing fitted on the training split and saved with the model."""
+    cache: bool | Literal["auto"] = "auto"
+    """Keep the preprocessed training and validation rows in Ray's object store (spilling to
+    disk if it fills) after one pass, so epochs after the first skip reading and preprocessing.
+    `auto` caches when they take at most a quarter of the cluster's object store memory;
+    `false` streams from the files every epoch."""
 
     @model_validator(mode="after")
     def _one_validation_source(self) -> DataSpec:
@@ -126,7 +131,8 @@ class TrainSpec(_Spec):
     seed: int = 0
     """Seed for weight init, shuffling and the validation split."""
     shuffle: bool = True
-    """Shuffle the training rows each epoch (a local buffer shuffle in the data pipeline)."""
+    """Shuffle the training rows each epoch: each worker shuffles the rows of every block of
+    16384 it fetches (a local shuffle, seeded by `train.seed` and the epoch)."""
     num_workers: int = Field(default=2, ge=1)
     """Training workers (one process each; one GPU each when use_gpu)."""
     use_gpu: bool = False
@@ -138,7 +144,8 @@ class TrainSpec(_Spec):
     """CPUs reserved for Ray Data's reading and preprocessing beside the training workers, so
     they never starve each other. At least 1: Ray Data's file-listing task asks for a whole CPU."""
     placement: Literal["PACK", "SPREAD"] = "PACK"
-    """How training workers are placed on nodes."""
+    """How training workers are placed on nodes: PACK fills as few nodes as possible, SPREAD puts
+    them on as many different nodes as possible."""
     checkpoint_every: int = Field(default=1, ge=1)
     """Checkpoint every N epochs (the last epoch always checkpoints)."""
     keep_checkpoints: int = Field(default=2, ge=1)
@@ -148,6 +155,10 @@ class TrainSpec(_Spec):
     storage: str = "./.kiln/runs"
     """Where runs and checkpoints are written: a local path or a pyarrow filesystem URI that every
     node can reach."""
+    shared_storage: bool = False
+    """Declare that the local paths in `train.storage` and `registry` are a filesystem every node
+    mounts (NFS, a shared volume). Without it, a run on a cluster whose nodes sit on more than one
+    host is refused when either is a local path."""
     metric: str | None = None
     """Validation metric that picks the best checkpoint. Default: val_accuracy for classification,
     val_loss for regression."""
@@ -179,6 +190,142 @@ class TrainSpec(_Spec):
         return self
 
 
+class SearchDimension(_Spec):
+    """One swept spec path: a distribution to sample from, or values to try."""
+
+    sample: Literal["loguniform", "uniform", "randint", "choice", "grid"]
+    """`loguniform`/`uniform` draw a float in [low, high]; `randint` an integer in [low, high);
+    `choice` one of `values` at random; `grid` every one of `values` (each grid point runs
+    `tune.num_samples` times)."""
+    low: float | None = None
+    """Lower bound (loguniform, uniform, randint); > 0 for loguniform."""
+    high: float | None = None
+    """Upper bound (loguniform, uniform, randint; exclusive for randint)."""
+    values: list[Any] | None = None
+    """The candidates of `choice` and `grid`: any YAML values (numbers, strings, lists)."""
+
+    @model_validator(mode="after")
+    def _bounds_or_values(self) -> SearchDimension:
+        if self.sample in ("choice", "grid"):
+            if not self.values or self.low is not None or self.high is not None:
+                raise ValueError(f"{self.sample} takes a non-empty `values` list and no low/high")
+            return self
+        if self.low is None or self.high is None or self.values is not None:
+            raise ValueError(f"{self.sample} takes `low` and `high` and no `values`")
+        if self.low >= self.high:
+            raise ValueError(f"low ({self.low:g}) must be below high ({self.high:g})")
+        if self.sample == "loguniform" and self.low <= 0:
+            raise ValueError(f"loguniform needs low > 0 (got {self.low:g})")
+        if self.sample == "randint" and not (self.low.is_integer() and self.high.is_integer()):
+            raise ValueError("randint takes integer low and high")
+        return self
+
+
+class SchedulerSpec(_Spec):
+    kind: Literal["fifo", "asha", "pbt"] = "fifo"
+    """`fifo` runs every trial to the end; `asha` stops trials that trail at each rung;
+    `pbt` (population based training) periodically replaces the worst trials with mutated
+    copies of the best, cloning their checkpoints."""
+    grace_period: int = Field(default=1, ge=1)
+    """ASHA: epochs every trial runs before it can be stopped."""
+    reduction_factor: float = Field(default=2.0, gt=1.0)
+    """ASHA: 1/reduction_factor of the trials reaching a rung go on to the next."""
+    perturbation_interval: int = Field(default=1, ge=1)
+    """PBT: epochs between exploit/explore steps."""
+    quantile_fraction: float = Field(default=0.25, gt=0.0, le=0.5)
+    """PBT: the bottom fraction of trials clones the top fraction."""
+    mutations: dict[str, SearchDimension] = Field(default_factory=dict)
+    """PBT: dotted spec paths resampled or perturbed at each exploit step. Default: the
+    `tune.space` entries that are not `grid`."""
+
+    @model_validator(mode="after")
+    def _mutations_sampled(self) -> SchedulerSpec:
+        for path, dim in self.mutations.items():
+            if dim.sample == "grid":
+                raise ValueError(f"mutations.{path}: PBT cannot mutate a grid; use choice")
+        return self
+
+
+class TuneSpec(_Spec):
+    """A hyperparameter sweep: every trial runs the same trainer `kiln train` runs, with the
+    spec paths in `space` set to sampled values."""
+
+    space: dict[str, SearchDimension]
+    """Search space: dotted spec paths (`train.lr`, `model.hidden_sizes`,
+    `train.deepspeed.zero_stage`) to a distribution or list of values."""
+    metric: str | None = None
+    """Metric that ranks trials. Default: `train.metric` (val_accuracy for classification,
+    val_loss for regression)."""
+    mode: Literal["max", "min"] | None = None
+    """Whether `metric` is better high or low. Default: from the metric's name."""
+    num_samples: int = Field(default=4, ge=1)
+    """Trials sampled from the space (times each grid point)."""
+    max_concurrent_trials: int | None = Field(default=None, ge=1)
+    """Trials running at once. Default: as many as fit beside Ray Data on the cluster."""
+    time_budget_s: float | None = Field(default=None, gt=0.0)
+    """Stop starting and running trials after this many seconds; finished ones still count."""
+    search: Literal["random", "optuna"] = "random"
+    """`random` search (grid values expanded), or Optuna's TPE that samples from results."""
+    seed: int = 0
+    """Seed of the search algorithm, so a sweep samples the same configs again."""
+    scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
+    """When trials stop early (ASHA) or clone better ones (PBT)."""
+
+    @model_validator(mode="after")
+    def _space_fits_search(self) -> TuneSpec:
+        if not self.space:
+            raise ValueError("tune.space must name at least one dotted spec path to sweep")
+        for path, dim in self.space.items():
+            head = path.split(".", 1)[0]
+            if head not in ("data", "model", "train") or "." not in path:
+                raise ValueError(
+                    f"tune.space.{path}: sweep a path under data., model. or train. (e.g. train.lr)"
+                )
+            if dim.sample == "grid" and self.search == "optuna":
+                raise ValueError(f"tune.space.{path}: grid needs tune.search random")
+        return self
+
+
+class ScoreSpec(_Spec):
+    """Batch scoring of a registered model, for `jobs/score.py` and `kiln submit --kind score`."""
+
+    model: str | None = None
+    """Model reference: NAME, NAME:VERSION or NAME@ALIAS. Default: `<name>@production`."""
+    input: str
+    """Rows to score: a file, directory, glob or pyarrow filesystem URI."""
+    output: str
+    """Output directory (path or URI) for the scored Parquet; must not exist or be empty, unless
+    `overwrite`."""
+    format: Literal["parquet", "csv", "jsonl"] = "parquet"
+    """File format of `input`."""
+    batch_size: int = Field(default=1024, ge=1)
+    """Rows per model call."""
+    concurrency: tuple[int, int] = (1, 1)
+    """Scoring actors as [min, max]; the pool autoscales between them. A single number pins it."""
+    on_error: Literal["fail", "quarantine"] = "fail"
+    """A row that cannot be scored fails the job naming its file and row (`fail`), or is written
+    with its reason to `output/_errors/` (`quarantine`)."""
+    key: str | None = None
+    """Input column carried into the output to identify rows. Default: a `key` column of
+    FILE:ROW."""
+    cpus_per_worker: float = Field(default=0.5, gt=0.0)
+    """CPUs per scoring actor."""
+    overwrite: bool = False
+    """Replace a non-empty `output`."""
+
+    @field_validator("concurrency", mode="before")
+    @classmethod
+    def _pair(cls, value: Any) -> Any:
+        return (value, value) if isinstance(value, int) else value
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ScoreSpec:
+        low, high = self.concurrency
+        if low < 1 or high < low:
+            raise ValueError(f"score.concurrency needs 1 <= min <= max, got [{low}, {high}]")
+        return self
+
+
 class JobSpec(_Spec):
     """A kiln job: data, model, training and where the result is registered."""
 
@@ -189,6 +336,10 @@ class JobSpec(_Spec):
     train: TrainSpec = Field(default_factory=TrainSpec)
     registry: str = "./.kiln/registry"
     """Model registry root: a local path or a pyarrow filesystem URI."""
+    tune: TuneSpec | None = None
+    """A hyperparameter sweep for `kiln tune`; `kiln train` ignores it."""
+    score: ScoreSpec | None = None
+    """Batch scoring for `jobs/score.py` / `kiln submit --kind score`; `kiln train` ignores it."""
 
     @property
     def metric(self) -> str:
@@ -214,6 +365,12 @@ class JobSpec(_Spec):
         if self.train.metric is not None and self.train.metric not in allowed:
             raise ValueError(
                 f"train.metric {self.train.metric!r} is not reported for {self.data.task}; "
+                f"choose one of {sorted(allowed)}"
+            )
+        tune_metric = self.tune.metric if self.tune is not None else None
+        if tune_metric is not None and tune_metric not in allowed:
+            raise ValueError(
+                f"tune.metric {tune_metric!r} is not reported for {self.data.task}; "
                 f"choose one of {sorted(allowed)}"
             )
         return self

@@ -62,7 +62,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
         activation_checkpointing=spec.train.deepspeed.activation_checkpointing,
     )
     engine = build_engine(model, spec.train, total_steps=config["total_steps"])
-    start_epoch, global_step, history = _resume(engine)
+    start_epoch, global_step, history = _resume(engine, spec, config.get("resume_from"))
     resumed_from = start_epoch - 1
     dtype = _input_dtype(spec)
     is_classification = spec.data.task == "classification"
@@ -188,22 +188,47 @@ def _report(
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
-def _resume(engine: Any) -> tuple[int, int, list[dict[str, Any]]]:
-    """Load Ray Train's latest checkpoint into the engine.
+def _resume(
+    engine: Any, spec: JobSpec, resume_from: str | None = None
+) -> tuple[int, int, list[dict[str, Any]]]:
+    """Load Ray Train's latest checkpoint into the engine; without one, `resume_from` (another
+    run's kiln checkpoint directory or URI: a PBT trial cloning a better trial).
 
     Returns:
         (next epoch, global step, per-epoch metrics so far).
     """
     import ray.train
 
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint, cloned = ray.train.get_checkpoint(), False
+    if checkpoint is None and resume_from is not None:
+        checkpoint, cloned = ray.train.Checkpoint(resume_from), True
     if checkpoint is None:
         return 1, 0, []
     with checkpoint.as_directory() as directory:
         engine.load_checkpoint(os.path.join(directory, "deepspeed"), tag=CHECKPOINT_TAG)
         state = json.loads(Path(directory, STATE_FILE).read_text())
-    logger.info("resumed from checkpoint after epoch %d (step %d)", state["epoch"], state["step"])
+    if cloned:
+        _apply_optimizer_spec(engine, spec)
+    source = f" {resume_from}" if cloned else ""
+    logger.info(
+        "resumed from checkpoint%s after epoch %d (step %d)", source, state["epoch"], state["step"]
+    )
     return int(state["epoch"]) + 1, int(state["step"]), list(state.get("history", []))
+
+
+def _apply_optimizer_spec(engine: Any, spec: JobSpec) -> None:
+    """After loading another run's optimizer state, use this spec's learning rate and weight
+    decay (PBT's mutations), keeping the schedule's position."""
+    scheduler = engine.lr_scheduler
+    for index, group in enumerate(engine.optimizer.param_groups):
+        group["weight_decay"] = spec.train.weight_decay
+        group["initial_lr"] = spec.train.lr
+        if scheduler is not None and hasattr(scheduler, "base_lrs"):
+            scheduler.base_lrs[index] = spec.train.lr
+            factor = scheduler.lr_lambdas[index](scheduler.last_epoch)
+            group["lr"] = spec.train.lr * factor
+        else:
+            group["lr"] = spec.train.lr
 
 
 def _worker_nodes(world: int) -> str:

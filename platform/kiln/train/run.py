@@ -71,6 +71,7 @@ def run(spec: JobSpec, *, resume: str | None = None, address: str | None = None)
         saved = None
     check = check_data(spec.data)
     connect(address)
+    _check_storage(spec)
     plan = _plan(spec)
     logger.info("resources: %s", plan.describe())
     prepared = prepare(spec, plan, check, run_dir=run_dir, preprocessor=saved)
@@ -133,7 +134,37 @@ def prepare(
         "train": preprocess_dataset(train_ds, pre, num_cpus=plan.data_task_cpus),
         "validation": preprocess_dataset(val_ds, pre, num_cpus=plan.data_task_cpus),
     }
+    if _should_cache(spec, pre, rows, val_info):
+        # Blocks go to the object store (spilled to disk past its size), not to the driver.
+        datasets = {name: ds.materialize() for name, ds in datasets.items()}
     return Prepared(train_info, val_info, pre, stats, rows, datasets)
+
+
+def _should_cache(
+    spec: JobSpec, pre: Preprocessor, train_rows: int, val_info: DataInfo | None
+) -> bool:
+    """`data.cache`, with `auto` resolved against the cluster's object store memory."""
+    import ray
+
+    if spec.data.cache != "auto":
+        return bool(spec.data.cache)
+    split = spec.data.validation_split
+    if val_info is not None:
+        val_rows = val_info.num_rows if val_info.num_rows is not None else train_rows
+    else:
+        val_rows = math.ceil(train_rows * (split or 0.0) / (1.0 - (split or 0.0)))
+    schema = pre.input_schema()
+    row_bytes = 4 * schema["num_inputs"] + 8 * len(schema["categorical_cardinalities"]) + 8
+    needed = (train_rows + val_rows) * row_bytes
+    store = float(ray.cluster_resources().get("object_store_memory", 0.0))
+    cache = needed <= store / 4
+    logger.info(
+        "data.cache auto: preprocessed data ~%.0f MB, object store %.0f MB: %s",
+        needed / 2**20,
+        store / 2**20,
+        "cached in the object store" if cache else "streamed from the files every epoch",
+    )
+    return cache
 
 
 def _deduped_copy(ds: Any, columns: list[str], location: str, remote: dict[str, float]) -> Any:
@@ -150,8 +181,22 @@ def _deduped_copy(ds: Any, columns: list[str], location: str, remote: dict[str, 
     return read_dataset(files, columns=columns, ray_remote_args=remote)
 
 
-def fit(spec: JobSpec, prepared: Prepared, plan: ResourcePlan, run_dir: str) -> Any:
-    """Run the TorchTrainer; returns Ray Train's Result."""
+def fit(
+    spec: JobSpec,
+    prepared: Prepared,
+    plan: ResourcePlan,
+    run_dir: str,
+    *,
+    callbacks: list[Any] | None = None,
+    resume_from: str | None = None,
+) -> Any:
+    """Run the TorchTrainer; returns Ray Train's Result.
+
+    Args:
+        callbacks: extra Ray Train callbacks (a Tune trial forwards each report with one).
+        resume_from: a kiln checkpoint directory to start from when the run has none of its
+            own yet (a PBT trial cloning another trial's state).
+    """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -170,6 +215,8 @@ def fit(spec: JobSpec, prepared: Prepared, plan: ResourcePlan, run_dir: str) -> 
         "label_scale": _label_scale(prepared.preprocessor),
         "total_steps": total_steps,
     }
+    if resume_from is not None:
+        loop_config["resume_from"] = resume_from
     trainer = TorchTrainer(
         train_loop_per_worker,  # type: ignore[arg-type]  # returns the history to rank 0
         train_loop_config=loop_config,
@@ -191,6 +238,7 @@ def fit(spec: JobSpec, prepared: Prepared, plan: ResourcePlan, run_dir: str) -> 
                 checkpoint_score_order=spec.mode,
             ),
             failure_config=FailureConfig(max_failures=train.max_failures),
+            callbacks=list(callbacks or []),
         ),
     )
     logger.info(
@@ -250,6 +298,15 @@ def _plan(spec: JobSpec) -> ResourcePlan:
         cluster_cpus=float(resources.get("CPU", 0.0)),
         cluster_gpus=float(resources.get("GPU", 0.0)),
     )
+
+
+def _check_storage(spec: JobSpec) -> None:
+    """On a cluster spanning several hosts, storage and registry must be shared locations."""
+    import ray
+
+    from kiln.cluster.placement import check_shared_storage
+
+    check_shared_storage(spec, ray.nodes())
 
 
 def _label_scale(pre: Preprocessor) -> dict[str, float]:
