@@ -35,6 +35,25 @@ class ResourcePlan:
         )
 
 
+def local_resources(address: str | None = None) -> tuple[float, float] | None:
+    """(CPUs, GPUs) of the local Ray that `connect(address)` would start, known before starting
+    it, so an impossible plan is refused without waiting for Ray; None when kiln joins a running
+    Ray or a cluster (`address`, RAY_ADDRESS)."""
+    import ray
+
+    if ray.is_initialized() or address or os.environ.get("RAY_ADDRESS"):
+        return None
+    return float(os.cpu_count() or 2), float(_local_gpus())
+
+
+def _local_gpus() -> int:
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return 0
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def connect(address: str | None = None) -> None:
     """Join the Ray cluster at `address` (or RAY_ADDRESS), or start a local one.
 

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from kiln import storage
-from kiln.cluster import ResourcePlan, connect, plan_training
+from kiln.cluster import ResourcePlan, connect, local_resources, plan_training
 from kiln.config import JobSpec, dump_spec, spec_hash, validate_spec
 from kiln.data.pipeline import dedupe as dedupe_dataset
 from kiln.data.pipeline import fit_on_dataset, preprocess_dataset, split_by_hash
@@ -70,6 +70,9 @@ def run(spec: JobSpec, *, resume: str | None = None, address: str | None = None)
         run_dir = storage.join(_storage_root(spec), f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}")
         saved = None
     check = check_data(spec.data)
+    local = local_resources(address)
+    if local is not None:  # refuse a plan this machine cannot hold before starting Ray
+        plan_training(spec.train, cluster_cpus=local[0], cluster_gpus=local[1])
     connect(address)
     _check_storage(spec)
     plan = _plan(spec)
