@@ -26,14 +26,56 @@ def trial_rows(grid: Any, params: list[str], metric: str, mode: str, epochs: int
     """
     rows = []
     for result in grid:
-        history = _history(result)
+        reports = _history(result)
+        history = epoch_history(reports)
         row: dict[str, Any] = {"trial": _trial_id(result)}
-        row.update({path: result.config.get(path) for path in params})
+        config = result.config or {}  # None for a trial that never reported (time budget)
+        row.update({path: config.get(path) for path in params})
         row.update(summarize(history, metric, mode, epochs, failed=result.error is not None))
-        row["per_epoch"] = [epoch.get(metric) for epoch in history]
+        row["reports"] = len(reports)
+        row["run_dir"] = reports[-1].get("trial_run_dir") if reports else None
+        row["per_epoch"] = per_epoch(history, metric)
         rows.append(row)
     rows.sort(key=lambda row: row["trial"])
     return rows
+
+
+def epoch_history(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per epoch, in epoch order, for the model a trial ended with.
+
+    Tune's own per-trial log is not a reliable history: a PBT trial that clones another one is
+    restarted with Tune's log copied back from storage, which lags the driver's copy by up to
+    the sync period, so the trial's reports before the clone can vanish; a trial restarted from
+    an earlier checkpoint reports some epochs twice. The trial's final Ray Train run holds the
+    whole history of its model in its latest checkpoint (for a clone: the donor's epochs, then
+    its own), so that is the base; the trial's reports from that run (its checkpoint paths, and
+    epochs after the latest checkpoint) override it.
+    """
+    from kiln.tune.trial import checkpoint_states
+
+    run_dir = reports[-1].get("trial_run_dir") if reports else None
+    seen = max((int(r["epoch"]) for r in reports if r.get("epoch") is not None), default=0)
+    by_epoch: dict[int, dict[str, Any]] = {}
+    states = checkpoint_states(run_dir) if isinstance(run_dir, str) else []
+    if states:
+        # not past the last epoch Tune saw: a stopped trial's run may finish one more
+        # before its abort lands
+        for epoch in states[-1][1].get("history", []):
+            if int(epoch["epoch"]) <= seen:
+                by_epoch[int(epoch["epoch"])] = dict(epoch)
+    for report in reports:  # oldest first: a re-reported epoch keeps its latest report
+        if report.get("epoch") is None:
+            continue
+        epoch = int(report["epoch"])
+        if report.get("trial_run_dir") == run_dir or epoch not in by_epoch:
+            by_epoch[epoch] = report
+    return [by_epoch[epoch] for epoch in sorted(by_epoch)]
+
+
+def per_epoch(history: list[dict[str, Any]], metric: str) -> list[Any]:
+    """The metric at epochs 1..last (index i is epoch i+1), None for an epoch with no value."""
+    values = {int(epoch["epoch"]): epoch.get(metric) for epoch in history}
+    return [values.get(epoch) for epoch in range(1, max(values, default=0) + 1)]
 
 
 def summarize(

@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from kiln import storage
-from kiln.cluster import SweepPlan, connect, plan_sweep
+from kiln.cluster import SweepPlan, connect, local_resources, plan_sweep
 from kiln.cluster.resources import TRIAL_DRIVER_CPUS
 from kiln.config import JobSpec, dump_spec, spec_hash, validate_spec
 from kiln.data.preprocess import Preprocessor
@@ -73,7 +73,11 @@ def run(
         sweep_dir, saved = storage.join(train_run._storage_root(spec), name), None
     assert spec.tune is not None
     check = check_data(spec.data)
+    local = local_resources(address)
+    if local is not None:  # refuse a plan this machine cannot hold before starting Ray
+        plan_for_cluster(spec, *local)
     connect(address)
+    train_run._check_storage(spec)  # trials checkpoint under train.storage from every node
     plan = sweep_plan(spec)
     logger.info("resources: %s", plan.describe())
     shared = None
@@ -82,8 +86,9 @@ def run(
     if not resume:
         _save_sweep(spec, sweep_dir, shared)
     setup = TrialSetup(spec, sweep_dir, plan.cluster_cpus, plan.cluster_gpus, shared)
+    started = time.monotonic()
     grid = _tuner(spec, setup, plan, sweep_dir, restore=bool(resume)).fit()
-    return _finish(spec, grid, sweep_dir)
+    return _finish(spec, grid, sweep_dir, elapsed_s=time.monotonic() - started)
 
 
 def sweep_plan(spec: JobSpec) -> SweepPlan:
@@ -161,11 +166,20 @@ def _tuner(spec: JobSpec, setup: TrialSetup, plan: SweepPlan, sweep_dir: str, *,
     )
 
 
-def _finish(spec: JobSpec, grid: Any, sweep_dir: str) -> SweepOutcome:
+def _finish(spec: JobSpec, grid: Any, sweep_dir: str, *, elapsed_s: float) -> SweepOutcome:
     assert spec.tune is not None
     metric, mode = space.sweep_metric(spec)
     params = list(spec.tune.space)
     rows = results.trial_rows(grid, params, metric, mode, spec.train.epochs)
+    budget = spec.tune.time_budget_s
+    out_of_time = budget is not None and elapsed_s >= budget
+    if out_of_time:
+        logger.warning(
+            "tune.time_budget_s=%g ran out after %.0f s: %d trial(s) completed",
+            budget,
+            elapsed_s,
+            sum(row["status"] == "completed" for row in rows),
+        )
     directory = _local_dir(sweep_dir)
     files = results.write_tables(rows, directory)
     log_params = [p for p, d in spec.tune.space.items() if d.sample == "loguniform"]
@@ -176,6 +190,11 @@ def _finish(spec: JobSpec, grid: Any, sweep_dir: str) -> SweepOutcome:
         errors = [str(r.error) for r in grid if r.error is not None][:1]
         raise TrainingError(
             f"no trial of the sweep saved a checkpoint with {metric!r}"
+            + (
+                f"; tune.time_budget_s={budget:g} ran out after {elapsed_s:.0f} s"
+                if out_of_time
+                else ""
+            )
             + (f"; first error: {errors[0]}" if errors else "")
         )
     model = register_best(spec, best, sweep_dir, len(rows))

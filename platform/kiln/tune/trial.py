@@ -9,7 +9,10 @@ workers' placement group, so the next trial gets the CPUs.
 The Tune checkpoint is a small pointer to the trial's own Ray Train checkpoint, never a copy:
 - a trial restarted after the sweep driver died finds its pointer naming its own run and
   refits the same run, which Ray Train resumes from its latest checkpoint;
-- a PBT trial handed another trial's pointer starts a new run of its own from that checkpoint.
+- a PBT trial handed another trial's pointer starts a new run of its own from that checkpoint,
+  first copied beside the new run (`<run dir>.donor`): the donor trains on and Ray Train deletes
+  all but its train.keep_checkpoints, so the checkpoint PBT picked may not outlive the clone's
+  start-up. One already gone is replaced by the donor's next kept checkpoint.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from kiln import storage
 from kiln.cluster import ResourcePlan, plan_sweep
 from kiln.config import JobSpec
 from kiln.data.source import DataInfo, check_data
+from kiln.errors import TrainingError
 from kiln.train import run as train_run
 from kiln.train.loop import STATE_FILE
 from kiln.tune.space import trial_spec
@@ -39,6 +43,7 @@ logger = logging.getLogger(__name__)
 
 POINTER_FILE = "kiln_trial.json"
 RUNS_DIR = "runs"
+DONOR_SUFFIX = ".donor"
 _ABORT_TIMEOUT_S = 60.0
 
 
@@ -71,6 +76,7 @@ class KilnTrial(Trainable):
         self._fitting: threading.Thread | None = None
         self._done = False
         self._replay: list[dict[str, Any]] = []
+        self._donor_copy: str | None = None
 
     def step(self) -> dict[str, Any]:
         """Wait for the next epoch's report; the last step says done."""
@@ -122,9 +128,16 @@ class KilnTrial(Trainable):
         fs, path = storage.open_location(run_dir, field="train.storage")
         if not storage.exists(fs, storage.join(path, train_run.SPEC_FILE)):
             train_run._save_run(spec, run_dir, prepared)
-        if resume_from is None:
+        if resume_from is not None:
+            assert self._pointer is not None
+            resume_from = self._donor_copy = _pin_donor(self._pointer, run_dir)
+            self._pointer = {"run_dir": run_dir, "checkpoint": None}  # a new run: nothing saved
+        else:
             self._replay = _unreported_epochs(run_dir, self._pointer)
-        if resume_from is not None or self._pointer is None:  # a new run: nothing saved yet
+            # a clone restarted before its first checkpoint starts from the donor's copy again
+            # (Ray Train prefers the run's own checkpoint when there is one)
+            resume_from = self._donor_copy = _donor_copy(run_dir)
+        if self._pointer is None:
             self._pointer = {"run_dir": run_dir, "checkpoint": None}
         self._fitting = threading.Thread(
             target=_fit,
@@ -140,6 +153,9 @@ class KilnTrial(Trainable):
         metrics = {**item["metrics"], "trial_run_dir": self._pointer["run_dir"]}
         if item["checkpoint"] is not None:
             metrics["checkpoint_path"] = item["checkpoint"]
+            if self._donor_copy is not None:  # the run resumes from its own checkpoints now
+                _delete_dir(self._donor_copy)
+                self._donor_copy = None
             self._pointer = {
                 "run_dir": self._pointer["run_dir"],
                 "checkpoint": item["checkpoint"],
@@ -204,6 +220,62 @@ def _run_dir(
         generation += 1
     logger.info("trial %s starts from %s", trial_id, pointer["checkpoint"])
     return f"{own}-{generation}", pointer["checkpoint"]
+
+
+def _pin_donor(pointer: dict[str, Any], run_dir: str) -> str:
+    """Copy the donor's checkpoint to `<run_dir>.donor` for the clone's workers to load.
+
+    The donor's run keeps training and deleting checkpoints beyond train.keep_checkpoints, so
+    the one PBT picked may be gone (or go mid-copy); then the donor run's kept checkpoints from
+    later epochs are tried, nearest first.
+
+    Raises:
+        TrainingError: none of the donor's checkpoints from that epoch on is left.
+    """
+    from pyarrow.fs import copy_files
+
+    wanted = pointer.get("checkpoint")
+    epoch = int((pointer.get("metrics") or {}).get("epoch", 0))
+    later = [
+        path for path, state in checkpoint_states(pointer["run_dir"]) if state["epoch"] > epoch
+    ]
+    target = run_dir.rstrip("/") + DONOR_SUFFIX
+    fs, target_path = storage.open_location(target, field="train.storage")
+    for source in [path for path in (wanted, *later) if path]:
+        source_fs, source_path = storage.open_location(source, field="train.storage")
+        _delete_dir(target)
+        try:
+            copy_files(
+                source_path, target_path, source_filesystem=source_fs, destination_filesystem=fs
+            )
+        except OSError as exc:  # FileNotFoundError included: deleted before or while copying
+            logger.info("donor checkpoint %s is gone (%s)", source, exc)
+            continue
+        if storage.exists(fs, storage.join(target_path, STATE_FILE)):
+            if source != wanted:
+                logger.warning(
+                    "donor checkpoint %s was deleted by its run; the clone starts from %s",
+                    wanted,
+                    source,
+                )
+            return target
+    raise TrainingError(
+        f"PBT clone: the donor checkpoint {wanted} and every later one in {pointer['run_dir']} "
+        "were deleted before the clone could copy them (raise train.keep_checkpoints)"
+    )
+
+
+def _donor_copy(run_dir: str) -> str | None:
+    """`<run_dir>.donor` if a clone's copy of its donor checkpoint is still there."""
+    target = run_dir.rstrip("/") + DONOR_SUFFIX
+    fs, path = storage.open_location(target, field="train.storage")
+    return target if storage.exists(fs, storage.join(path, STATE_FILE)) else None
+
+
+def _delete_dir(location: str) -> None:
+    fs, path = storage.open_location(location, field="train.storage")
+    if storage.exists(fs, path):
+        fs.delete_dir(path)
 
 
 def checkpoint_states(run_dir: str) -> list[tuple[str, dict[str, Any]]]:
