@@ -21,7 +21,7 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from kiln.config import JobSpec, validate_spec
+from kiln.config import JobSpec
 from kiln.data.source import check_data
 from kiln.errors import TrainingError
 from kiln.registry import Registry
@@ -30,34 +30,11 @@ from kiln.train import run as train_run
 from kiln.train.engine import warmup_cosine
 from kiln.tune import results, run, space, sweep
 from kiln.tune.trial import DONOR_SUFFIX, KilnTrial, TrialSetup, _pin_donor, checkpoint_states
+from tests.integration.test_tune import sweep_spec
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_session")]
 
 METRIC = "val_accuracy"
-
-
-def sweep_spec(digits_dir: Path, tmp_path: Path, tune: dict[str, Any], **train: Any) -> JobSpec:
-    return validate_spec(
-        {
-            "name": "digits-clone-test",
-            "data": {
-                "train": str(digits_dir / "train"),
-                "validation": str(digits_dir / "test"),
-                "label": "label",
-            },
-            "model": {"kind": "tabular_mlp", "hidden_sizes": [64]},
-            "train": {
-                "epochs": 2,
-                "batch_size": 64,
-                "num_workers": 1,
-                "log_every": 1000,
-                "storage": str(tmp_path / "runs"),
-                **train,
-            },
-            "registry": str(tmp_path / "registry"),
-            "tune": tune,
-        }
-    )
 
 
 def trial_setup(spec: JobSpec, sweep_dir: Path) -> TrialSetup:
@@ -103,7 +80,7 @@ def test_pbt_clone_continues_the_donor_with_its_own_lr(digits_dir: Path, tmp_pat
         epochs=4,
         warmup_steps=5,
     )
-    sweep_dir = tmp_path / "runs" / "digits-clone-test-sweep"
+    sweep_dir = tmp_path / "runs" / "digits-sweep-test-sweep"
     setup = trial_setup(spec, sweep_dir)
 
     # The donor trains two epochs; PBT takes its latest Tune checkpoint (kiln's pointer).

@@ -658,12 +658,16 @@ def http_options(spec: ServeSpec) -> dict[str, Any]:
 def serve_config(spec: ServeSpec) -> dict[str, Any]:
     """A Serve config file (`serve deploy`, KubeRay RayService `serveConfigV2`) for the spec."""
     args = spec.model_dump(mode="json", exclude={"http"}, exclude_none=True)
-    deployments = [
-        model_deployment_options(model, variant.ref)
-        for model in spec.models
-        for variant in model.variants
-        if not spec.colocated
-    ]
+    # A colocated model is part of the ingress deployment.
+    deployments = (
+        []
+        if spec.colocated
+        else [
+            model_deployment_options(model, variant.ref)
+            for model in spec.models
+            for variant in model.variants
+        ]
+    )
     return {
         "proxy_location": "EveryNode",
         "http_options": http_options(spec),
