@@ -16,11 +16,17 @@ from torch import nn
 
 from kiln.config.spec import ModelSpec
 from kiln.errors import SpecError
+from kiln.models.causal_lm import build_causal_lm
+from kiln.models.hf_lm import build_hf_causal_lm
 from kiln.models.tabular import build_tabular_mlp
 
 Factory = Callable[[ModelSpec, dict[str, Any]], nn.Module]
 
-BUILTIN_KINDS: dict[str, Factory] = {"tabular_mlp": build_tabular_mlp}
+BUILTIN_KINDS: dict[str, Factory] = {
+    "tabular_mlp": build_tabular_mlp,
+    "causal_lm": build_causal_lm,
+    "hf_causal_lm": build_hf_causal_lm,
+}
 
 
 def resolve_factory(kind: str) -> Factory:
