@@ -1,7 +1,8 @@
-"""Example datasets: digits and synthetic data, written as sharded parquet."""
+"""Example datasets: digits, synthetic data and python-stdlib, written as sharded parquet."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,8 @@ from sklearn.linear_model import LinearRegression, LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from kiln.data.examples import write_digits, write_synth
+from kiln.cli.main import main
+from kiln.data.examples import write_digits, write_python_stdlib, write_synth
 from kiln.data.source import check_files, resolve_files
 from kiln.errors import DataError
 
@@ -187,3 +189,100 @@ def test_synth_refuses_existing_output(tmp_path: Path) -> None:
     write_synth(tmp_path / "s", rows=20, features=2)
     with pytest.raises(DataError, match="already exists"):
         write_synth(tmp_path / "s", rows=20, features=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# python-stdlib
+
+
+def _fake_stdlib(root: Path, modules: int = 60) -> Path:
+    """A small standard-library-like tree with the things the writer must skip."""
+    for i in range(modules):
+        package = root / f"pkg{i % 3}"
+        package.mkdir(parents=True, exist_ok=True)
+        (package / f"mod_{i:02d}.py").write_text(
+            f'"""Module {i}: naïve café ☕."""\n\n\ndef function_{i}(x, y=1):\n    return x + {i}\n'
+        )
+    for skipped in ("site-packages", "__pycache__", "dist-packages"):
+        (root / skipped).mkdir()
+        (root / skipped / "installed.py").write_text("def installed():\n    pass\n")
+    (root / "pkg0" / "latin1.py").write_bytes(b"# -*- coding: latin-1 -*-\nname = 'caf\xe9'\n")
+    (root / "pkg0" / "notes.txt").write_text("not python")
+    return root
+
+
+def test_python_stdlib_small_tree(tmp_path: Path) -> None:
+    root = _fake_stdlib(tmp_path / "lib")
+    out = tmp_path / "corpus"
+    summary = write_python_stdlib(out, root=root, shards=2, prompts=5)
+    train, validation = read_split(out, "train"), read_split(out, "validation")
+    assert train.column_names == validation.column_names == ["path", "text"]
+    assert train.schema.field("text").type == pa.string()
+    paths = train.column("path").to_pylist() + validation.column("path").to_pylist()
+    expected = sorted(f"pkg{i % 3}/mod_{i:02d}.py" for i in range(60))
+    assert sorted(paths) == expected  # skipped dirs, non-UTF-8 and non-.py files are left out
+    assert not set(train.column("path").to_pylist()) & set(validation.column("path").to_pylist())
+    assert summary["skipped_not_utf8"] == ["pkg0/latin1.py"]
+    assert summary["files"] == 61
+    assert summary["documents"] == {"train": train.num_rows, "validation": validation.num_rows}
+    assert validation.num_rows >= 1
+    texts = train.column("text").to_pylist()
+    assert summary["bytes"]["train"] == sum(len(t.encode()) for t in texts)
+    assert "naïve café ☕" in texts[0]
+    assert shard_names(out, "train") == ["part-00000.parquet", "part-00001.parquet"]
+    prompts = pq.read_table(out / "prompts.parquet").column("prompt").to_pylist()
+    assert len(prompts) == 5 == len(set(prompts)) == summary["prompts"]
+    assert all(p.startswith("def function_") and p.endswith("):\n") for p in prompts)
+    validation_text = "".join(validation.column("text").to_pylist())
+    assert any(p in validation_text for p in prompts)  # held-out signatures come first
+
+
+def test_python_stdlib_split_is_deterministic_and_seeded(tmp_path: Path) -> None:
+    root = _fake_stdlib(tmp_path / "lib", modules=200)
+    for name, seed in [("a", 0), ("b", 0), ("c", 1)]:
+        write_python_stdlib(tmp_path / name, root=root, seed=seed)
+    a, b, c = (read_split(tmp_path / name, "validation") for name in "abc")
+    assert a.equals(b) and not a.equals(c)
+    assert 3 <= a.num_rows <= 25  # about 5% of 200
+    prompts = [pq.read_table(tmp_path / name / "prompts.parquet") for name in "ab"]
+    assert prompts[0].equals(prompts[1])
+
+
+def test_python_stdlib_refuses_existing_output(tmp_path: Path) -> None:
+    root = _fake_stdlib(tmp_path / "lib", modules=10)
+    write_python_stdlib(tmp_path / "out", root=root, shards=3)
+    with pytest.raises(DataError, match=r"train already exists.*--overwrite"):
+        write_python_stdlib(tmp_path / "out", root=root)
+    write_python_stdlib(tmp_path / "out", root=root, shards=1, overwrite=True)
+    assert shard_names(tmp_path / "out", "train") == ["part-00000.parquet"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "prompts.parquet",
+        "train",
+        "validation",
+    ]
+    with pytest.raises(DataError, match="--shards must be >= 1"):
+        write_python_stdlib(tmp_path / "other", root=root, shards=0)
+    with pytest.raises(DataError, match="at least 2 readable .py files"):
+        write_python_stdlib(tmp_path / "other", root=tmp_path / "lib" / "site-packages")
+
+
+def test_python_stdlib_of_this_interpreter(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["data", "example", "python-stdlib", str(tmp_path / "py"), "--shards", "3"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    train, validation = (
+        read_split(tmp_path / "py", "train"),
+        read_split(tmp_path / "py", "validation"),
+    )
+    assert summary["documents"] == {"train": train.num_rows, "validation": validation.num_rows}
+    assert train.num_rows > 500  # CPython's standard library has well over a thousand modules
+    assert 0.02 < validation.num_rows / (train.num_rows + validation.num_rows) < 0.09
+    train_paths = set(train.column("path").to_pylist())
+    assert "os.py" in train_paths | set(validation.column("path").to_pylist())
+    assert not any("site-packages" in p for p in train_paths)
+    assert summary["shards"] == {"train": 3, "validation": 1}
+    assert summary["bytes"]["train"] > 5_000_000
+    prompts = pq.read_table(tmp_path / "py" / "prompts.parquet").column("prompt").to_pylist()
+    assert len(set(prompts)) == 16 and all(p.startswith("def ") for p in prompts)
+    again = write_python_stdlib(tmp_path / "again", shards=3)
+    assert again["documents"] == summary["documents"]
+    assert read_split(tmp_path / "again", "validation").equals(validation)

@@ -7,7 +7,7 @@ from typing import Any
 
 from kiln.cli.main import print_json
 
-EXAMPLES = ("digits",)
+EXAMPLES = ("digits", "python-stdlib")
 
 
 def add_commands(commands: Any) -> None:
@@ -19,12 +19,34 @@ def add_commands(commands: Any) -> None:
 
     example = sub.add_parser(
         "example",
-        help="write a real dataset a package ships (digits: scikit-learn's handwritten digits)",
+        help="write a real dataset this machine already has (digits: scikit-learn's handwritten "
+        "digits; python-stdlib: this Python's standard library sources, a text corpus)",
+        description="digits: 1797 8x8 images, 64 pixel columns and label, 80/20 stratified "
+        "train/ and test/. python-stdlib: one row per .py file of this interpreter's standard "
+        "library (its test suite included; site-packages and non-UTF-8 files skipped), columns "
+        "path and text, about 5% of files in validation/ by a hash of the path, plus "
+        "prompts.parquet (16 function signatures from validation files, column prompt).",
     )
     example.add_argument("name", choices=EXAMPLES)
-    example.add_argument("out", help="output directory (gets train/ and test/)")
-    example.add_argument("--shards", type=int, default=4, help="Parquet files per split")
-    example.add_argument("--seed", type=int, default=0, help="seed of the fixed train/test split")
+    example.add_argument(
+        "out",
+        help="output directory (digits: train/ and test/; "
+        "python-stdlib: train/, validation/ and prompts.parquet)",
+    )
+    example.add_argument(
+        "--shards",
+        type=int,
+        default=4,
+        help="Parquet files per split (python-stdlib: the training split; validation gets one "
+        "per 20, at least one)",
+    )
+    example.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the fixed split (digits: train/test; python-stdlib: which files are "
+        "validation, which signatures are prompts)",
+    )
     example.add_argument("--overwrite", action="store_true", help="replace existing output")
     example.set_defaults(handler=_example)
 
@@ -45,9 +67,10 @@ def add_commands(commands: Any) -> None:
 
 
 def _example(args: argparse.Namespace) -> int:
-    from kiln.data.examples import write_digits
+    from kiln.data.examples import write_digits, write_python_stdlib
 
-    summary = write_digits(args.out, shards=args.shards, seed=args.seed, overwrite=args.overwrite)
+    write = write_python_stdlib if args.name == "python-stdlib" else write_digits
+    summary = write(args.out, shards=args.shards, seed=args.seed, overwrite=args.overwrite)
     print_json(summary)
     return 0
 

@@ -1,17 +1,25 @@
-"""Example datasets written as sharded parquet: digits for demos, synthetic data for scale.
+"""Example datasets written as sharded parquet: digits for demos, synthetic data for scale, and
+the Python standard library's sources as a text corpus for language models.
 
-Nothing is downloaded (scikit-learn ships digits inside its package). Both writers produce the
-same layout, `out/train/part-00000.parquet ...` and `out/test/part-...`, written under
-`out/.tmp-<uuid>` and renamed into place so a crash never leaves half a dataset behind.
+Nothing is downloaded (scikit-learn ships digits inside its package; the sources are this
+interpreter's own). digits and synth write `out/train/part-00000.parquet ...` and
+`out/test/part-...`; python-stdlib writes `out/train/`, `out/validation/` and
+`out/prompts.parquet`. Everything is written under `out/.tmp-<uuid>` and renamed into place so a
+crash never leaves half a dataset behind.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
+import os
+import platform
+import re
 import shutil
+import sysconfig
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -285,6 +293,194 @@ def _write_groups(path: Path, groups: Iterator[list[pa.Array]], names: list[str]
 
 
 # ---------------------------------------------------------------------------------------------
+# Python standard library sources: a text corpus for language modeling
+
+
+STDLIB_SPLITS = ("train", "validation", "prompts.parquet")
+STDLIB_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
+"""Directories under the standard library that are not part of it (or hold no sources)."""
+_SIGNATURE = re.compile(r"^def [A-Za-z_]\w*\(.*\).*:[ \t]*$", re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class _SourceFile:
+    path: str  # relative to the standard library root, with forward slashes
+    text: str
+
+
+def write_python_stdlib(
+    out: str | Path,
+    *,
+    shards: int = 4,
+    validation_fraction: float = 0.05,
+    prompts: int = 16,
+    seed: int = 0,
+    root: str | Path | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Write the `.py` sources of this interpreter's standard library as a text corpus.
+
+    Every `.py` file under `sysconfig.get_paths()["stdlib"]` is one row, `path` (relative, with
+    `/`) and `text` (the whole file), in path order. Directories named site-packages,
+    dist-packages and __pycache__ are skipped; the standard library's own test suite (`test/`,
+    `idlelib/idle_test/`, ...) and large generated modules (`pydoc_data/topics.py`) are kept,
+    as they are Python too. Files that are not valid UTF-8 (a few deliberately mis-encoded test
+    fixtures) are skipped and listed in the summary. A file goes to validation when a hash of
+    its path and `seed` falls below `validation_fraction`, so the split is the same on every
+    run with the same interpreter and seed and a file never lands on both sides.
+
+    Output: `out/train/part-*.parquet` (`shards` files of about equal size),
+    `out/validation/part-*.parquet` (shards in proportion) and `out/prompts.parquet`, a
+    `prompt` column of `prompts` top-level function signatures (`def name(...):` plus a
+    newline, at most `MAX_PROMPT_BYTES` bytes) taken from validation files, for batch
+    generation.
+
+    Args:
+        root: Read this directory instead of the standard library (tests).
+
+    Returns:
+        A summary: files found and skipped, documents and bytes per split, shards, paths.
+
+    Raises:
+        DataError: A bad option, no source files, or existing output without `overwrite`.
+    """
+    _require(shards >= 1, f"--shards must be >= 1, got {shards}")
+    _require(0.0 < validation_fraction < 1.0, "validation_fraction must be between 0 and 1")
+    _require(prompts >= 0, f"prompts must be >= 0, got {prompts}")
+    source = Path(root if root is not None else sysconfig.get_paths()["stdlib"])
+    out = Path(out)
+    _check_target(out, overwrite, STDLIB_SPLITS)
+    files, skipped = _read_sources(source)
+    _require(len(files) >= 2, f"need at least 2 readable .py files under {source}")
+    parts = _split_files(files, seed, validation_fraction)
+    split_shards = {"train": shards, "validation": max(1, math.ceil(shards * validation_fraction))}
+    chosen = _signature_prompts(parts["validation"], parts["train"], prompts, seed)
+    with _staging(out, overwrite, STDLIB_SPLITS) as staging:
+        counts = {
+            split: _write_text_shards(staging / split, rows, split_shards[split])
+            for split, rows in parts.items()
+        }
+        pq.write_table(
+            pa.table({"prompt": pa.array(chosen, pa.string())}), staging / "prompts.parquet"
+        )
+    summary = _stdlib_summary(out, source, parts, counts, skipped, len(chosen), seed)
+    logger.info("wrote python-stdlib to %s: %s", out, summary["documents"])
+    return summary
+
+
+def _read_sources(root: Path) -> tuple[list[_SourceFile], list[str]]:
+    """Every `.py` file under root in path order, and the paths skipped as not UTF-8."""
+    _require(root.is_dir(), f"{root} is not a directory")
+    files: list[_SourceFile] = []
+    skipped: list[str] = []
+    for directory, subdirs, names in os.walk(root):
+        subdirs[:] = sorted(d for d in subdirs if d not in STDLIB_SKIP_DIRS)
+        for name in sorted(names):
+            path = Path(directory) / name
+            if not name.endswith(".py") or not path.is_file():
+                continue
+            relative = path.relative_to(root).as_posix()
+            try:
+                files.append(_SourceFile(relative, path.read_bytes().decode("utf-8")))
+            except UnicodeDecodeError:
+                skipped.append(relative)
+    files.sort(key=lambda f: f.path)
+    return files, sorted(skipped)
+
+
+def _path_hash(text: str, seed: int) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{text}".encode(), digest_size=8).digest(), "big")
+
+
+def _write_text_shards(directory: Path, files: list[_SourceFile], shards: int) -> int:
+    """Contiguous runs of files (in path order) of about equal total size, one Parquet each."""
+    directory.mkdir(parents=True)
+    sizes = np.array([len(f.text) for f in files], dtype=np.float64)
+    starts = np.cumsum(sizes) - sizes
+    owner = np.minimum((starts / max(sizes.sum(), 1.0) * shards).astype(np.int64), shards - 1)
+    groups = [[f for f, o in zip(files, owner, strict=True) if o == i] for i in range(shards)]
+    groups = [rows for rows in groups if rows]  # fewer files than shards: no empty files
+    for index, rows in enumerate(groups):
+        table = pa.table(
+            {
+                "path": pa.array([f.path for f in rows], pa.string()),
+                "text": pa.array([f.text for f in rows], pa.string()),
+            }
+        )
+        pq.write_table(table, directory / f"part-{index:05d}.parquet")
+    return len(groups)
+
+
+def _split_files(
+    files: list[_SourceFile], seed: int, fraction: float
+) -> dict[str, list[_SourceFile]]:
+    """train/validation by a hash of the path; validation gets at least the lowest-hash file."""
+    hashes = [_path_hash(f.path, seed) for f in files]
+    chosen = {i for i, h in enumerate(hashes) if h < fraction * 2**64}
+    if not chosen:
+        chosen = {min(range(len(files)), key=hashes.__getitem__)}
+    return {
+        "train": [f for i, f in enumerate(files) if i not in chosen],
+        "validation": [f for i, f in enumerate(files) if i in chosen],
+    }
+
+
+MAX_PROMPT_BYTES = 60
+"""Longest prompt kept: with the end-of-text id and 64 generated tokens it fits a 128-token
+byte-level context (jobs/configs/tiny-gpt.yaml)."""
+
+
+def _signature_prompts(
+    preferred: list[_SourceFile], fallback: list[_SourceFile], count: int, seed: int
+) -> list[str]:
+    """`count` distinct top-level `def` lines, from `preferred` files first, picked by hash."""
+    chosen: list[str] = []
+    for files in (preferred, fallback):
+        found = {
+            line
+            for f in files
+            for m in _SIGNATURE.finditer(f.text)
+            if len((line := m.group(0).rstrip() + "\n").encode("utf-8")) <= MAX_PROMPT_BYTES
+        }
+        fresh = sorted(found - set(chosen), key=lambda s: (_path_hash(s, seed), s))
+        chosen.extend(fresh[: count - len(chosen)])
+    return chosen
+
+
+def _stdlib_summary(
+    out: Path,
+    source: Path,
+    parts: dict[str, list[_SourceFile]],
+    shards: dict[str, int],
+    skipped: list[str],
+    prompts: int,
+    seed: int,
+) -> dict[str, Any]:
+    documents = {split: len(rows) for split, rows in parts.items()}
+    return {
+        "dataset": "python-stdlib",
+        "source": str(source),
+        "python": platform.python_version(),
+        "files": sum(documents.values()) + len(skipped),
+        "skipped_not_utf8": skipped,
+        "documents": documents,
+        "bytes": {
+            split: sum(len(f.text.encode("utf-8")) for f in rows) for split, rows in parts.items()
+        },
+        "columns": ["path", "text"],
+        "text": "text",
+        "shards": shards,
+        "prompts": prompts,
+        "seed": seed,
+        "paths": {
+            "train": str(out / "train"),
+            "validation": str(out / "validation"),
+            "prompts": str(out / "prompts.parquet"),
+        },
+    }
+
+
+# ---------------------------------------------------------------------------------------------
 # Atomic output
 
 
@@ -293,9 +489,17 @@ def _require(ok: bool, message: str) -> None:
         raise DataError(message)
 
 
-def _check_target(out: Path, overwrite: bool) -> None:
-    for split in SPLITS:
-        existing = out / split
+def _check_target(out: Path, overwrite: bool, names: Sequence[str] = SPLITS) -> None:
+    """Refuse to replace existing output without `overwrite`: split directories, and single
+    files (names ending in `.parquet`)."""
+    for name in names:
+        existing = out / name
+        if name.endswith(".parquet"):
+            if existing.is_dir():
+                raise DataError(f"{existing} exists and is a directory")
+            if not overwrite and existing.exists():
+                raise DataError(f"{existing} already exists; pass --overwrite to replace it")
+            continue
         if not overwrite and existing.is_dir() and any(existing.iterdir()):
             raise DataError(
                 f"{existing} already exists and is not empty; pass --overwrite to replace it"
@@ -305,14 +509,15 @@ def _check_target(out: Path, overwrite: bool) -> None:
 
 
 @contextmanager
-def _staging(out: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield `out/.tmp-<uuid>` to write into; on success move each split from it into `out`."""
+def _staging(out: Path, overwrite: bool, names: Sequence[str] = SPLITS) -> Iterator[Path]:
+    """Yield `out/.tmp-<uuid>` to write into; on success move each of `names` from it into
+    `out`."""
     tmp = out / f".tmp-{uuid.uuid4().hex}"
     tmp.mkdir(parents=True)
     try:
         yield tmp
-        _check_target(out, overwrite)  # nobody wrote there meanwhile
-        for split in SPLITS:
+        _check_target(out, overwrite, names)  # nobody wrote there meanwhile
+        for split in names:
             target = out / split
             if target.exists():
                 target.rename(tmp / f"old-{split}")  # deleted with the staging dir
