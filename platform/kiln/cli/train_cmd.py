@@ -78,6 +78,13 @@ def _validate(args: argparse.Namespace) -> int:
         if info is None:
             continue
         rows = "?" if info.num_rows is None else str(info.num_rows)
+        if spec.data.task == "language_modeling":
+            print(
+                f"{split}: {len(info.files.paths)} files, {rows} documents in column "
+                f"{spec.data.text!r}, tokenizer {spec.data.tokenizer.kind}, "
+                f"block_size {spec.data.block_size}"
+            )
+            continue
         print(
             f"{split}: {len(info.files.paths)} files, {rows} rows, {len(info.features)} features "
             f"({len(info.categorical)} categorical), label {spec.data.label!r}"

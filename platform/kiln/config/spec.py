@@ -37,6 +37,38 @@ class PreprocessSpec(_Spec):
     """Most frequent categories kept per column; rarer ones map to the unknown bucket."""
 
 
+class TokenizerSpec(_Spec):
+    """How text becomes token ids (data.task language_modeling); saved with the model."""
+
+    kind: Literal["byte", "bpe", "file"] = "byte"
+    """`byte`: UTF-8 bytes (256 ids) plus an end-of-text id, nothing to fit. `bpe`: a byte-level
+    BPE vocabulary trained on the training split with the `tokenizers` library. `file`: a
+    Hugging Face `tokenizer.json` on disk (`path`), e.g. the one beside a local checkpoint that
+    `hf_causal_lm` fine-tunes."""
+    vocab_size: int = Field(default=4096, ge=260, le=1_000_000)
+    """bpe: vocabulary size to train, special tokens included."""
+    min_frequency: int = Field(default=2, ge=1)
+    """bpe: pairs seen fewer times than this are not merged."""
+    train_sample_mb: float = Field(default=64.0, gt=0.0)
+    """bpe: the tokenizer trains on the first this-many MB (10^6 bytes of UTF-8) of the training
+    split's text, streamed in file order."""
+    path: str | None = None
+    """file: path of the `tokenizer.json`."""
+    eos_token: str | None = None
+    """file: the special token that ends each document. Default: the first of
+    `<|endoftext|>`, `</s>`, `<eos>`, `<|end_of_text|>` the tokenizer knows."""
+
+    @model_validator(mode="after")
+    def _path_for_file(self) -> TokenizerSpec:
+        if self.kind == "file" and not self.path:
+            raise ValueError(
+                "data.tokenizer.kind file needs data.tokenizer.path (a tokenizer.json)"
+            )
+        if self.kind != "file" and (self.path or self.eos_token):
+            raise ValueError("data.tokenizer.path and eos_token apply only to kind: file")
+        return self
+
+
 class DataSpec(_Spec):
     train: str
     """Training data: a file, a directory, a glob (`data/*.parquet`) or a pyarrow filesystem URI
@@ -48,12 +80,22 @@ class DataSpec(_Spec):
     (identical rows land on the same side, so duplicates never leak across the split)."""
     format: Literal["parquet", "csv", "jsonl"] = "parquet"
     """File format of `train` and `validation`."""
-    label: str
-    """Name of the label column."""
+    label: str | None = None
+    """Name of the label column (classification and regression)."""
     features: list[str] | None = None
     """Feature columns, in order. Default: every column but the label."""
-    task: Literal["classification", "regression"] = "classification"
-    """Classification (labels may be ints or strings) or regression (numeric label)."""
+    task: Literal["classification", "regression", "language_modeling"] = "classification"
+    """Classification (labels may be ints or strings), regression (numeric label), or
+    language_modeling: next-token prediction on the documents in the `text` column."""
+    text: str = "text"
+    """language_modeling: the column holding one document per row."""
+    tokenizer: TokenizerSpec = Field(default_factory=TokenizerSpec)
+    """language_modeling: how documents become token ids."""
+    block_size: int = Field(default=128, ge=2, le=1_048_576)
+    """language_modeling: tokens per training sequence. Documents (each ended by the
+    end-of-text token) are concatenated and cut into blocks of this length inside the Ray Data
+    pipeline; only the last block of each batch of documents is padded, and padding is never a
+    target."""
     preprocess: PreprocessSpec = Field(default_factory=PreprocessSpec)
     """Preprocessing fitted on the training split and saved with the model."""
     cache: bool | Literal["auto"] = "auto"
@@ -64,6 +106,14 @@ class DataSpec(_Spec):
 
     @model_validator(mode="after")
     def _one_validation_source(self) -> DataSpec:
+        if self.task == "language_modeling":
+            if self.label is not None or self.features is not None:
+                raise ValueError(
+                    "data.label and data.features do not apply to language_modeling; "
+                    "name the text column with data.text"
+                )
+        elif self.label is None:
+            raise ValueError(f"data.label: required for task {self.task}")
         if self.validation is None and self.validation_split is None:
             raise ValueError("give either data.validation (a path) or data.validation_split (0..1)")
         if self.validation is not None and self.validation_split is not None:
@@ -79,9 +129,12 @@ class DataSpec(_Spec):
 class ModelSpec(_Spec):
     model_config = ConfigDict(extra="allow", use_attribute_docstrings=True)
     kind: str = "tabular_mlp"
-    """A built-in model kind (`tabular_mlp`) or a user factory `package.module:function`, called as
-    `factory(spec, input_schema)` and returning a `torch.nn.Module`. Other keys in this section are
-    that kind's options (for `tabular_mlp`: hidden_sizes, dropout, activation, embedding_dim)."""
+    """A built-in model kind (`tabular_mlp`, `causal_lm`, `hf_causal_lm`) or a user factory
+    `package.module:function`, called as `factory(spec, input_schema)` and returning a
+    `torch.nn.Module`. Other keys in this section are that kind's options (`tabular_mlp`:
+    hidden_sizes, dropout, activation, embedding_dim; `causal_lm`: n_layers, n_heads, d_model,
+    d_ff, context_length, positions, rope_theta, tied_embeddings, dropout, bias, init_std;
+    `hf_causal_lm`: config or pretrained)."""
 
     @property
     def options(self) -> dict[str, Any]:
@@ -119,6 +172,10 @@ class DeepSpeedSpec(_Spec):
 class TrainSpec(_Spec):
     epochs: int = Field(default=10, ge=1)
     """Passes over the training split."""
+    max_steps: int | None = Field(default=None, ge=1)
+    """Stop after this many optimizer steps in all, even inside an epoch (that epoch is then
+    evaluated, checkpointed and reported as usual, and the run ends). The learning-rate schedule
+    spans the steps the run will take. Default: no limit."""
     batch_size: int = Field(default=256, ge=1)
     """Global batch size per optimizer step, across all workers and accumulation steps. Must divide
     by num_workers * deepspeed.grad_accum."""
@@ -166,6 +223,10 @@ class TrainSpec(_Spec):
     """Whether `metric` is better high or low. Default: from the metric's name."""
     log_every: int = Field(default=20, ge=1)
     """Rank 0 prints a progress line every N optimizer steps."""
+    sample_prompt: str = "\n"
+    """language_modeling: after each epoch rank 0 logs a greedy continuation of this prompt."""
+    sample_tokens: int = Field(default=48, ge=0)
+    """language_modeling: tokens in that sample (0: no sample)."""
     deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
     """DeepSpeed engine settings."""
 
@@ -286,6 +347,25 @@ class TuneSpec(_Spec):
         return self
 
 
+class GenerationSpec(_Spec):
+    """Batch generation settings (`score.task: generate`): the prompt column and sampling."""
+
+    prompt_column: str = Field(default="prompt", min_length=1)
+    """Input column of prompt text; one completion per row."""
+    max_tokens: int = Field(default=16, ge=1)
+    """Most tokens generated per prompt; prompt plus max_tokens must fit the model's context."""
+    temperature: float = Field(default=0.0, ge=0.0)
+    """Sampling temperature; 0 is greedy decoding."""
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    """Nucleus sampling threshold."""
+    top_k: int | None = Field(default=None, ge=1)
+    """Sample from the k most likely tokens."""
+    stop: list[str] = Field(default_factory=list)
+    """Strings that end a completion."""
+    seed: int | None = None
+    """Sampling seed, the same for every row."""
+
+
 class ScoreSpec(_Spec):
     """Batch scoring of a registered model, for `jobs/score.py` and `kiln submit --kind score`."""
 
@@ -312,6 +392,11 @@ class ScoreSpec(_Spec):
     """CPUs per scoring actor."""
     overwrite: bool = False
     """Replace a non-empty `output`."""
+    task: Literal["predict", "generate"] = "predict"
+    """`predict`: score rows with a tabular model; `generate`: complete each row's prompt with a
+    language model (see `generation`)."""
+    generation: GenerationSpec | None = None
+    """Prompt column and sampling for `task: generate` (defaults when omitted)."""
 
     @field_validator("concurrency", mode="before")
     @classmethod
@@ -323,6 +408,8 @@ class ScoreSpec(_Spec):
         low, high = self.concurrency
         if low < 1 or high < low:
             raise ValueError(f"score.concurrency needs 1 <= min <= max, got [{low}, {high}]")
+        if self.generation is not None and self.task != "generate":
+            raise ValueError("score.generation applies to score.task: generate only")
         return self
 
 
@@ -361,6 +448,7 @@ class JobSpec(_Spec):
         allowed = {
             "classification": {"val_loss", "val_accuracy", "val_precision", "val_recall", "val_f1"},
             "regression": {"val_loss", "val_mse", "val_mae", "val_r2"},
+            "language_modeling": {"val_loss", "val_perplexity"},
         }[self.data.task]
         if self.train.metric is not None and self.train.metric not in allowed:
             raise ValueError(

@@ -292,7 +292,11 @@ def check_data(spec: DataSpec) -> tuple[DataInfo, DataInfo | None]:
     The validation files must hold the training features and label with compatible types.
     """
 
+    if spec.task == "language_modeling":
+        return _check_text_data(spec)
+
     def check(location: str, field: str, features: list[str] | None) -> DataInfo:
+        assert spec.label is not None  # the spec requires it for tabular tasks
         return check_files(
             resolve_files(location, spec.format, field),
             label=spec.label,
@@ -314,6 +318,52 @@ def check_data(spec: DataSpec) -> tuple[DataInfo, DataInfo | None]:
                 "in data.train"
             )
     return train, validation
+
+
+def _check_text_data(spec: DataSpec) -> tuple[DataInfo, DataInfo | None]:
+    train = check_text_files(resolve_files(spec.train, spec.format), column=spec.text)
+    if spec.validation is None:
+        return train, None
+    files = resolve_files(spec.validation, spec.format, "data.validation")
+    return train, check_text_files(files, column=spec.text, field="data.validation")
+
+
+def check_text_files(files: FileSet, *, column: str, field: str = "data.train") -> DataInfo:
+    """Check that every file has the text column `column` as a string column.
+
+    Raises:
+        DataError: no files, an unreadable or empty file, or the column missing or not text,
+            naming the file.
+    """
+    if not files.paths:
+        raise DataError(f"{field}: no {files.format} files found at {files.location!r}")
+    metas = _read_metas(files, field)
+    _check_not_empty(files, metas, field)
+    for meta in metas:
+        index = meta.schema.get_field_index(column)
+        if index < 0:
+            listed = ", ".join(meta.schema.names[:20]) or "none"
+            raise DataError(
+                f"{field}: text column {column!r} (data.text) not found in "
+                f"{files.display(meta.path)} (columns: {listed})"
+            )
+        dtype = meta.schema.field(index).type
+        if not (_is_text(dtype) or pa.types.is_null(dtype)):
+            raise DataError(
+                f"{field}: text column {column!r} is {dtype} in {files.display(meta.path)}; "
+                "language modeling reads one document per row as a string"
+            )
+    num_rows = sum(meta.num_rows for meta in metas) if files.format == "parquet" else None
+    logger.info(
+        "%s: %d %s files, %s documents in column %r",
+        field,
+        len(files.paths),
+        files.format,
+        "?" if num_rows is None else num_rows,
+        column,
+    )
+    schema = pa.schema([pa.field(column, pa.large_string())])
+    return DataInfo(files, schema, (column,), (), (), num_rows)
 
 
 def _read_metas(files: FileSet, field: str) -> list[_FileMeta]:

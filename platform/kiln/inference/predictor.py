@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from kiln.data.preprocess import Preprocessor
 from kiln.errors import DataError
 from kiln.registry import Registry
 from kiln.registry.model import RegisteredModel, load_model
@@ -28,9 +29,14 @@ class Predictor:
 
     def __init__(self, registry: str, ref: str, *, device: str = "cpu") -> None:
         self.model: RegisteredModel = load_model(Registry(registry), ref)
+        if not isinstance(self.model.preprocessor, Preprocessor):
+            raise DataError(
+                f"{self.model.ref} is a language model: it generates text (kiln score "
+                "--task generate, the /v1/completions routes) rather than scoring rows"
+            )
         self.device = torch.device(device)
         self.module = self.model.module.to(self.device)
-        self.preprocessor = self.model.preprocessor
+        self.preprocessor: Preprocessor = self.model.preprocessor
         self.schema: dict[str, Any] = self.preprocessor.input_schema()
 
     @property

@@ -8,7 +8,7 @@ from typing import Any
 from torch import nn
 
 from kiln.config.spec import ModelSpec
-from kiln.data.preprocess import Preprocessor
+from kiln.data.fitted import FittedPreprocessor, preprocessor_from_dict
 from kiln.errors import RegistryError
 from kiln.models import build_model
 from kiln.registry.store import LoadedVersion, Registry
@@ -18,7 +18,7 @@ from kiln.registry.store import LoadedVersion, Registry
 class RegisteredModel:
     module: nn.Module
     """The bare module in eval mode, weights loaded strictly from model.safetensors."""
-    preprocessor: Preprocessor
+    preprocessor: FittedPreprocessor
     loaded: LoadedVersion
 
     @property
@@ -43,5 +43,5 @@ def load_model(registry: Registry, ref: str) -> RegisteredModel:
     except RuntimeError as exc:
         raise RegistryError(f"{loaded.version.ref}: weights do not fit the model: {exc}") from None
     module.eval()
-    preprocessor = Preprocessor.from_dict(loaded.documents["preprocessing.json"])
+    preprocessor = preprocessor_from_dict(loaded.documents["preprocessing.json"])
     return RegisteredModel(module, preprocessor, loaded)

@@ -13,17 +13,22 @@ from typing import Any
 from safetensors.torch import load_file
 
 from kiln.config import JobSpec, dump_spec
-from kiln.data.preprocess import Preprocessor
+from kiln.data.fitted import FittedPreprocessor
 from kiln.errors import TrainingError
 from kiln.registry import ModelVersion, Registry
 from kiln.train.loop import WEIGHTS_FILE
 
 
-def model_document(spec: JobSpec, preprocessor: Preprocessor) -> dict[str, Any]:
+def model_document(spec: JobSpec, preprocessor: FittedPreprocessor) -> dict[str, Any]:
     """model.json: what is needed to rebuild the bare module (kind, options, input schema)."""
+    options = spec.model.options
+    if spec.model.kind == "hf_causal_lm":
+        from kiln.models.hf_lm import portable_options
+
+        options = portable_options(options)  # no dependence on a local pretrained directory
     return {
         "kind": spec.model.kind,
-        "options": spec.model.options,
+        "options": options,
         "task": spec.data.task,
         "input_schema": preprocessor.input_schema(),
         "weights": WEIGHTS_FILE,
@@ -35,7 +40,7 @@ def register_checkpoint(
     registry: Registry,
     spec: JobSpec,
     checkpoint: Any,
-    preprocessor: Preprocessor,
+    preprocessor: FittedPreprocessor,
     *,
     metrics: dict[str, Any],
     history: list[dict[str, Any]],

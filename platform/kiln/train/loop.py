@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -24,7 +25,8 @@ from kiln.config.spec import JobSpec
 from kiln.models import build_model
 from kiln.train.engine import build_engine, full_state_dict
 from kiln.train.ingest import iter_micro_batches
-from kiln.train.metrics import ClassificationMeter, RegressionMeter
+from kiln.train.lm import sample_text, token_loss
+from kiln.train.metrics import ClassificationMeter, LanguageModelMeter, RegressionMeter
 
 logger = logging.getLogger("kiln.train")
 
@@ -65,6 +67,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
     start_epoch, global_step, history = _resume(engine, spec, config.get("resume_from"))
     resumed_from = start_epoch - 1
     dtype = _input_dtype(spec)
+    is_lm = spec.data.task == "language_modeling"
     is_classification = spec.data.task == "classification"
     loss_fn = torch.nn.CrossEntropyLoss() if is_classification else torch.nn.MSELoss()
 
@@ -72,19 +75,28 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
     val_shard = ray.train.get_dataset_shard("validation")
     micro_batch = spec.train.batch_size // (world * spec.train.deepspeed.grad_accum)
     for epoch in range(start_epoch, spec.train.epochs + 1):
+        if _steps_done(global_step, spec):  # resumed after the last step's checkpoint
+            break
         engine.train()
-        epoch_start, seen, loss_sum = time.perf_counter(), 0, 0.0
+        epoch_start, seen, loss_sum, tokens = time.perf_counter(), 0, 0.0, 0
         window_start, window_rows = time.perf_counter(), 0
         seed = spec.train.seed + epoch if spec.train.shuffle else None
         for batch in iter_micro_batches(train_shard, micro_batch, shuffle_seed=seed, device=device):
-            loss = loss_fn(_forward(engine, batch, dtype).float(), batch["y"])
+            if is_lm:
+                loss, count = token_loss(engine, batch)
+            else:
+                loss = loss_fn(_forward(engine, batch, dtype).float(), batch["y"])
+                count = len(batch["y"])
             engine.backward(loss)
             engine.step()
-            rows = len(batch["y"])
-            seen, window_rows = seen + rows, window_rows + rows
-            loss_sum += loss.item() * rows
+            rows = len(next(iter(batch.values())))
+            seen, window_rows, tokens = seen + rows, window_rows + rows, tokens + count
+            # Weighted by rows (tabular) or target tokens (language modeling).
+            loss_sum += loss.item() * count
             if engine.is_gradient_accumulation_boundary():
                 global_step += 1
+                if _steps_done(global_step, spec):
+                    break  # every rank takes the same steps, so all stop here together
             if (
                 rank == 0
                 and engine.is_gradient_accumulation_boundary()
@@ -92,30 +104,40 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
             ):
                 rate = window_rows * world / max(time.perf_counter() - window_start, 1e-9)
                 logger.info(
-                    "epoch %d step %d loss %.4f lr %.3e samples/s %.0f",
+                    "epoch %d step %d loss %.4f lr %.3e %s %.0f",
                     epoch,
                     global_step,
                     loss.item(),
                     engine.get_lr()[0],
-                    rate,
+                    "tokens/s" if is_lm else "samples/s",
+                    rate * spec.data.block_size if is_lm else rate,
                 )
                 window_start, window_rows = time.perf_counter(), 0
         train_time = time.perf_counter() - epoch_start
-        metrics = {
+        train_loss = _global_mean(loss_sum, tokens, device)
+        metrics: dict[str, Any] = {
             "epoch": epoch,
             "step": global_step,
-            "train_loss": _global_mean(loss_sum, seen, device),
+            "train_loss": train_loss,
             "samples_per_s": _global_sum(seen, device) / max(train_time, 1e-9),
             "lr": float(engine.get_lr()[0]),
             "resumed_from_epoch": resumed_from,
             "worker_nodes": nodes,
         }
+        if is_lm:
+            metrics["tokens_per_s"] = _global_sum(tokens, device) / max(train_time, 1e-9)
+            metrics["train_perplexity"] = math.exp(min(train_loss, 700.0))
         metrics |= evaluate(engine, val_shard, config, spec, device, dtype)
+        if is_lm:
+            metrics |= _lm_extras(engine, config, spec, rank)
         if rank == 0:
             logger.info("epoch %d done: %s", epoch, _format_metrics(metrics))
         history.append(metrics)
-        due = epoch % spec.train.checkpoint_every == 0 or epoch == spec.train.epochs
+        last = epoch == spec.train.epochs or _steps_done(global_step, spec)
+        due = epoch % spec.train.checkpoint_every == 0 or last
         _report(engine, metrics, history, checkpoint=due, rank=rank)
+        if last:
+            break
     return history
 
 
@@ -129,6 +151,8 @@ def evaluate(
     forward on its last batch until all are done.
     """
     engine.eval()
+    if spec.data.task == "language_modeling":
+        return _evaluate_lm(engine, shard, device)
     schema = config["input_schema"]
     if spec.data.task == "classification":
         meter: Any = ClassificationMeter(int(schema["num_classes"]))
@@ -155,6 +179,45 @@ def evaluate(
         dist.all_reduce(state)
     meter.state = state.cpu()
     return {f"val_{name}": value for name, value in meter.compute().items()}
+
+
+def _evaluate_lm(engine: Any, shard: Any, device: Any) -> dict[str, float]:
+    """Validation loss per token and perplexity, reduced exactly; ranks in lock-step as above."""
+    meter = LanguageModelMeter()
+    batches = iter(shard.iter_torch_batches(batch_size=64, device=device, prefetch_batches=2))
+    last = None
+    with torch.no_grad():
+        while True:
+            batch = next(batches, None)
+            if not _any_rank(batch is not None, device):
+                break
+            if batch is None:
+                if last is not None:
+                    token_loss(engine, last)
+                continue
+            loss, count = token_loss(engine, batch, reduction="sum")
+            meter.update(loss.item(), count)
+            last = batch
+    state = meter.state.to(device)
+    if dist.is_initialized():
+        dist.all_reduce(state)
+    meter.state = state.cpu()
+    return {f"val_{name}": value for name, value in meter.compute().items()}
+
+
+def _lm_extras(engine: Any, config: dict[str, Any], spec: JobSpec, rank: int) -> dict[str, Any]:
+    """The unigram baseline beside the metrics, and a greedy sample of `train.sample_prompt`
+    (under ZeRO-3 every forward is a collective, so every rank generates it)."""
+    extras: dict[str, Any] = {"val_unigram_perplexity": config["unigram_perplexity"]}
+    if spec.train.sample_tokens == 0:
+        return extras
+    if rank == 0 or spec.train.deepspeed.zero_stage == 3:
+        prompt, tokens = spec.train.sample_prompt, spec.train.sample_tokens
+        text = sample_text(engine.module, config["preprocessing"], prompt, tokens)
+        if rank == 0:
+            logger.info("sample: %r -> %r", spec.train.sample_prompt, text)
+            extras["sample"] = text
+    return extras
 
 
 def _forward(engine: Any, batch: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
@@ -231,6 +294,10 @@ def _apply_optimizer_spec(engine: Any, spec: JobSpec) -> None:
             group["lr"] = spec.train.lr
 
 
+def _steps_done(global_step: int, spec: JobSpec) -> bool:
+    return spec.train.max_steps is not None and global_step >= spec.train.max_steps
+
+
 def _worker_nodes(world: int) -> str:
     """The Ray node id of every rank, in rank order, comma-separated."""
     import ray
@@ -272,7 +339,7 @@ def _format_metrics(metrics: dict[str, Any]) -> str:
     return " ".join(
         f"{key} {value:.4f}" if isinstance(value, float) else f"{key} {value}"
         for key, value in metrics.items()
-        if key != "worker_nodes"  # logged once at the start
+        if key not in ("worker_nodes", "sample")  # logged on their own
     )
 
 

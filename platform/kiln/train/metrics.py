@@ -7,6 +7,8 @@ validation set, not an average of per-worker averages.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -75,3 +77,22 @@ class RegressionMeter:
         total_variance = sum_y2 - sum_y * sum_y / rows
         r2 = 1.0 - sse / total_variance if total_variance > 0 else 0.0
         return {"loss": loss_sum / rows, "mse": sse / rows, "mae": sae / rows, "r2": r2}
+
+
+class LanguageModelMeter:
+    """Summed next-token cross-entropy and target-token count: loss per token and perplexity."""
+
+    def __init__(self) -> None:
+        self.state = torch.zeros(2, dtype=torch.float64)
+
+    def update(self, loss_sum: float, tokens: int) -> None:
+        self.state[0] += loss_sum
+        self.state[1] += tokens
+
+    def compute(self) -> dict[str, float]:
+        """loss (nats per token) and perplexity = exp(loss)."""
+        loss_sum, tokens = self.state.tolist()
+        if tokens == 0:
+            return {}
+        loss = loss_sum / tokens
+        return {"loss": loss, "perplexity": math.exp(min(loss, 700.0))}

@@ -20,10 +20,13 @@ import yaml
 from kiln import storage
 from kiln.cluster import ResourcePlan, connect, local_resources, plan_training
 from kiln.config import JobSpec, dump_spec, spec_hash, validate_spec
+from kiln.data.fitted import FittedPreprocessor, preprocessor_from_dict
 from kiln.data.pipeline import dedupe as dedupe_dataset
 from kiln.data.pipeline import fit_on_dataset, preprocess_dataset, split_by_hash
 from kiln.data.preprocess import Preprocessor
 from kiln.data.source import DataInfo, check_data, read_dataset, resolve_files
+from kiln.data.text import TextPreprocessor, unigram_perplexity
+from kiln.data.text_pipeline import fit_text_preprocessor, pack_dataset, token_statistics
 from kiln.errors import KilnError, TrainingError
 from kiln.registry import ModelVersion, Registry
 from kiln.train.export import register_checkpoint
@@ -40,7 +43,7 @@ class Prepared:
 
     train_info: DataInfo
     validation_info: DataInfo | None
-    preprocessor: Preprocessor
+    preprocessor: FittedPreprocessor
     stats: dict[str, Any]
     train_rows: int
     datasets: dict[str, Any] = field(default_factory=dict)
@@ -90,15 +93,20 @@ def prepare(
     check: tuple[DataInfo, DataInfo | None],
     *,
     run_dir: str,
-    preprocessor: Preprocessor | None = None,
+    preprocessor: FittedPreprocessor | None = None,
 ) -> Prepared:
     """Build the lazy Ray datasets, and fit preprocessing on the training split unless given.
 
     De-duplication is a shuffle, so its result is written once under `run_dir` (and reused
     by --resume) instead of being recomputed every epoch.
     """
+    if spec.data.task == "language_modeling":
+        text_pre = preprocessor if isinstance(preprocessor, TextPreprocessor) else None
+        return _prepare_text(spec, plan, check, preprocessor=text_pre)
+    assert preprocessor is None or isinstance(preprocessor, Preprocessor)
     train_info, val_info = check
     data = spec.data
+    assert data.label is not None  # required for tabular tasks
     columns = [*train_info.features, data.label]
     remote = {"num_cpus": plan.data_task_cpus}
     train_ds = read_dataset(train_info.files, columns=columns, ray_remote_args=remote)
@@ -143,12 +151,72 @@ def prepare(
     return Prepared(train_info, val_info, pre, stats, rows, datasets)
 
 
+def _prepare_text(
+    spec: JobSpec,
+    plan: ResourcePlan,
+    check: tuple[DataInfo, DataInfo | None],
+    *,
+    preprocessor: TextPreprocessor | None = None,
+) -> Prepared:
+    """Language modeling: fit the tokenizer (unless given), pack documents into blocks, count
+    tokens, and compute the byte/token unigram baseline on the validation split."""
+    train_info, val_info = check
+    data, cpus = spec.data, plan.data_task_cpus
+    remote = {"num_cpus": cpus}
+    train_ds = read_dataset(train_info.files, columns=[data.text], ray_remote_args=remote)
+    if val_info is not None:
+        val_ds = read_dataset(val_info.files, columns=[data.text], ray_remote_args=remote)
+    else:
+        assert data.validation_split is not None
+        train_ds, val_ds = split_by_hash(
+            train_ds,
+            data.validation_split,
+            columns=[data.text],
+            seed=spec.train.seed,
+            num_cpus=cpus,
+        )
+    pre = preprocessor or fit_text_preprocessor(train_ds, data)
+    datasets = {
+        "train": pack_dataset(train_ds, pre, num_cpus=cpus),
+        "validation": pack_dataset(val_ds, pre, num_cpus=cpus),
+    }
+    vocab = pre.tokenizer.vocab_size
+    counted = {name: token_statistics(ds, vocab, num_cpus=cpus) for name, ds in datasets.items()}
+    train, val = counted["train"], counted["validation"]
+    if train.sequences < spec.train.num_workers:
+        raise KilnError(
+            f"data.train: {train.sequences} packed sequences of data.block_size "
+            f"{data.block_size} tokens, fewer than train.num_workers ({spec.train.num_workers})"
+        )
+    if val.tokens == 0:
+        raise KilnError("data.validation: no validation tokens (the split has no text)")
+    baseline = unigram_perplexity(train.counts, val.counts)
+    stats = {
+        "rows_used": train.sequences,
+        "train_tokens": train.tokens,
+        "validation_sequences": val.sequences,
+        "validation_tokens": val.tokens,
+        "val_unigram_perplexity": baseline,
+    }
+    logger.info(
+        "language modeling: %d training tokens in %d sequences of %d, %d validation tokens; "
+        "unigram baseline perplexity on validation %.3f",
+        train.tokens,
+        train.sequences,
+        data.block_size,
+        val.tokens,
+        baseline,
+    )
+    row_bytes = 8 * data.block_size  # input_ids + labels, int32
+    if _cache_decision(spec, (train.sequences + val.sequences) * row_bytes):
+        datasets = {name: ds.materialize() for name, ds in datasets.items()}
+    return Prepared(train_info, val_info, pre, stats, train.sequences, datasets)
+
+
 def _should_cache(
     spec: JobSpec, pre: Preprocessor, train_rows: int, val_info: DataInfo | None
 ) -> bool:
     """`data.cache`, with `auto` resolved against the cluster's object store memory."""
-    import ray
-
     if spec.data.cache != "auto":
         return bool(spec.data.cache)
     split = spec.data.validation_split
@@ -158,7 +226,15 @@ def _should_cache(
         val_rows = math.ceil(train_rows * (split or 0.0) / (1.0 - (split or 0.0)))
     schema = pre.input_schema()
     row_bytes = 4 * schema["num_inputs"] + 8 * len(schema["categorical_cardinalities"]) + 8
-    needed = (train_rows + val_rows) * row_bytes
+    return _cache_decision(spec, (train_rows + val_rows) * row_bytes)
+
+
+def _cache_decision(spec: JobSpec, needed: int) -> bool:
+    """Cache when `needed` bytes fit in a quarter of the object store (or as data.cache says)."""
+    import ray
+
+    if spec.data.cache != "auto":
+        return bool(spec.data.cache)
     store = float(ray.cluster_resources().get("object_store_memory", 0.0))
     cache = needed <= store / 4
     logger.info(
@@ -212,12 +288,17 @@ def fit(
         per_worker / (train.batch_size // train.num_workers // train.deepspeed.grad_accum)
     )
     total_steps = train.epochs * max(1, math.ceil(micro_batches / train.deepspeed.grad_accum))
+    if train.max_steps is not None:
+        total_steps = min(total_steps, train.max_steps)
     loop_config = {
         "spec": spec.model_dump(mode="json"),
         "input_schema": prepared.preprocessor.input_schema(),
         "label_scale": _label_scale(prepared.preprocessor),
         "total_steps": total_steps,
     }
+    if isinstance(prepared.preprocessor, TextPreprocessor):
+        loop_config["preprocessing"] = prepared.preprocessor.to_dict()
+        loop_config["unigram_perplexity"] = prepared.stats["val_unigram_perplexity"]
     if resume_from is not None:
         loop_config["resume_from"] = resume_from
     trainer = TorchTrainer(
@@ -312,8 +393,8 @@ def _check_storage(spec: JobSpec) -> None:
     check_shared_storage(spec, ray.nodes())
 
 
-def _label_scale(pre: Preprocessor) -> dict[str, float]:
-    if pre.task != "regression":
+def _label_scale(pre: FittedPreprocessor) -> dict[str, float]:
+    if not isinstance(pre, Preprocessor) or pre.task != "regression":
         return {}
     return {"label_mean": pre.label.mean, "label_std": pre.label.std}
 
@@ -333,7 +414,7 @@ def _save_run(spec: JobSpec, run_dir: str, prepared: Prepared) -> None:
     storage.write_bytes(fs, storage.join(path, RUN_FILE), json.dumps(run_file).encode())
 
 
-def _load_run(run_dir: str) -> tuple[JobSpec, str, Preprocessor]:
+def _load_run(run_dir: str) -> tuple[JobSpec, str, FittedPreprocessor]:
     location = run_dir if storage.is_uri(run_dir) else os.path.abspath(run_dir)
     fs, path = storage.open_location(location, field="--resume")
     spec_path, run_path = storage.join(path, SPEC_FILE), storage.join(path, RUN_FILE)
@@ -342,4 +423,4 @@ def _load_run(run_dir: str) -> tuple[JobSpec, str, Preprocessor]:
     raw = yaml.safe_load(storage.read_bytes(fs, spec_path))
     spec = validate_spec(raw, source=f"{run_dir}/{SPEC_FILE}")
     saved = json.loads(storage.read_bytes(fs, run_path))
-    return spec, location.rstrip("/"), Preprocessor.from_dict(saved["preprocessing"])
+    return spec, location.rstrip("/"), preprocessor_from_dict(saved["preprocessing"])

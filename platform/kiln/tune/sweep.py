@@ -23,7 +23,7 @@ from kiln import storage
 from kiln.cluster import SweepPlan, connect, local_resources, plan_sweep
 from kiln.cluster.resources import TRIAL_DRIVER_CPUS
 from kiln.config import JobSpec, dump_spec, spec_hash, validate_spec
-from kiln.data.preprocess import Preprocessor
+from kiln.data.fitted import FittedPreprocessor, preprocessor_from_dict
 from kiln.data.source import check_data
 from kiln.errors import KilnError, TrainingError
 from kiln.registry import ModelVersion, Registry
@@ -296,7 +296,7 @@ def _save_sweep(spec: JobSpec, sweep_dir: str, shared: train_run.Prepared | None
     storage.write_bytes(fs, storage.join(path, SWEEP_RUN_FILE), json.dumps(saved).encode())
 
 
-def _load_sweep(sweep_dir: str) -> tuple[JobSpec, str, Preprocessor | None]:
+def _load_sweep(sweep_dir: str) -> tuple[JobSpec, str, FittedPreprocessor | None]:
     location = sweep_dir if storage.is_uri(sweep_dir) else os.path.abspath(sweep_dir)
     fs, path = storage.open_location(location, field="--resume")
     spec_path, run_path = storage.join(path, SWEEP_FILE), storage.join(path, SWEEP_RUN_FILE)
@@ -306,4 +306,4 @@ def _load_sweep(sweep_dir: str) -> tuple[JobSpec, str, Preprocessor | None]:
         )
     spec = validate_spec(yaml.safe_load(storage.read_bytes(fs, spec_path)), source=spec_path)
     saved = json.loads(storage.read_bytes(fs, run_path))["preprocessing"]
-    return spec, location.rstrip("/"), Preprocessor.from_dict(saved) if saved else None
+    return spec, location.rstrip("/"), preprocessor_from_dict(saved) if saved else None

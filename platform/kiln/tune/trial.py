@@ -324,9 +324,9 @@ def _prepare(spec: JobSpec, plan: ResourcePlan, run_dir: str) -> train_run.Prepa
     fs, path = storage.open_location(run_dir, field="train.storage")
     run_file = storage.join(path, train_run.RUN_FILE)
     if storage.exists(fs, run_file):  # restarted trial: keep the preprocessing it trained with
-        from kiln.data.preprocess import Preprocessor
+        from kiln.data.fitted import preprocessor_from_dict
 
-        saved = Preprocessor.from_dict(
+        saved = preprocessor_from_dict(
             json.loads(storage.read_bytes(fs, run_file))["preprocessing"]
         )
     return train_run.prepare(spec, plan, check, run_dir=run_dir, preprocessor=saved)
