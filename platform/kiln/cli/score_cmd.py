@@ -1,4 +1,5 @@
-"""`kiln score`: batch-score a dataset with a registered model (a Ray Data job)."""
+"""`kiln score`: batch-score a dataset with a registered model, or complete its prompts with a
+registered language model (`--task generate`); a Ray Data job either way."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ def add_commands(commands: Any) -> None:
         description="Read the input with Ray Data, score it with a pool of Predictor actors "
         "(the model's saved preprocessing included) and write one output row per input row: "
         "the key, the prediction, class probabilities (classification) and the model version. "
-        "The output appears only when the job succeeds, with a _SUCCESS summary.",
+        "The output appears only when the job succeeds, with a _SUCCESS summary. With --task "
+        "generate, a language model completes each row's prompt instead: key, prompt, "
+        "completion, prompt_tokens, completion_tokens, finish_reason and model per row.",
     )
     score.add_argument("ref", help="model: NAME, NAME:VERSION or NAME@ALIAS (resolved once)")
     score.add_argument(
@@ -34,7 +37,9 @@ def add_commands(commands: Any) -> None:
         help="input format (default: parquet)",
     )
     score.add_argument(
-        "--batch-size", type=int, default=1024, help="rows per model call (default: 1024)"
+        "--batch-size",
+        type=int,
+        help="rows per model call (default: 1024; 16 with --task generate)",
     )
     score.add_argument(
         "--concurrency",
@@ -69,8 +74,42 @@ def add_commands(commands: Any) -> None:
     score.add_argument(
         "--address", help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)"
     )
+    _add_generation_flags(score)
     add_registry_flag(score)
     score.set_defaults(handler=_score)
+
+
+def _add_generation_flags(score: argparse.ArgumentParser) -> None:
+    group = score.add_argument_group("batch generation (--task generate, language models)")
+    group.add_argument(
+        "--task",
+        choices=["predict", "generate"],
+        default="predict",
+        help="predict: score rows with a tabular model; generate: complete each row's prompt "
+        "with a language model (default: predict)",
+    )
+    group.add_argument(
+        "--prompt-column", default="prompt", help="column of prompt text (default: prompt)"
+    )
+    group.add_argument(
+        "--max-tokens", type=int, default=16, help="most tokens per completion (default: 16)"
+    )
+    group.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="sampling temperature; 0 is greedy decoding (default: 0)",
+    )
+    group.add_argument("--top-p", type=float, help="nucleus sampling threshold in (0, 1]")
+    group.add_argument("--top-k", type=int, help="sample from the K most likely tokens")
+    group.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="a string that ends a completion (repeat for several)",
+    )
+    group.add_argument("--seed", type=int, help="sampling seed (the same for every row)")
 
 
 def _concurrency(text: str) -> tuple[int, int]:
@@ -84,9 +123,35 @@ def _concurrency(text: str) -> tuple[int, int]:
     return pair
 
 
+def _generate_options(args: argparse.Namespace) -> Any:
+    """Generation options for --task generate; None (and no generation flags) for predict."""
+    from kiln.errors import KilnError
+    from kiln.inference.batch import GenerateOptions
+
+    options = GenerateOptions(
+        prompt_column=args.prompt_column,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        stop=tuple(args.stop),
+        seed=args.seed,
+    )
+    if args.task == "generate":
+        return options
+    if options != GenerateOptions():
+        raise KilnError(
+            "--prompt-column, --max-tokens, --temperature, --top-p, --top-k, --stop and --seed "
+            "need --task generate"
+        )
+    return None
+
+
 def _score(args: argparse.Namespace) -> int:
     from kiln.inference.batch import score
 
+    generate = _generate_options(args)
+    batch_size = args.batch_size or (16 if generate else 1024)
     try:
         summary = score(
             args.ref,
@@ -94,7 +159,7 @@ def _score(args: argparse.Namespace) -> int:
             input=args.input,
             output=args.output,
             fmt=args.format,
-            batch_size=args.batch_size,
+            batch_size=batch_size,
             concurrency=args.concurrency,
             on_error=args.on_error,
             key=args.key,
@@ -102,9 +167,20 @@ def _score(args: argparse.Namespace) -> int:
             num_gpus=args.gpus_per_worker,
             overwrite=args.overwrite,
             address=args.address,
+            task=args.task,
+            generate=generate,
         )
     finally:
         _shutdown_ray()
+    if generate:
+        print(
+            f"generated completions for {summary.rows_out} of {summary.rows_in} prompts "
+            f"({summary.rows_quarantined} quarantined) in {summary.seconds:.1f} s with "
+            f"{summary.model} -> {summary.output}"
+        )
+        if summary.rows_quarantined:
+            print(f"quarantined rows, with the reason for each: {summary.output}/_errors/")
+        return 0
     print(
         f"scored {summary.rows_in} rows ({summary.rows_quarantined} quarantined) in "
         f"{summary.seconds:.1f} s ({summary.rows_per_s:,.0f} rows/s) with {summary.model} "

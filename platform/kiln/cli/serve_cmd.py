@@ -29,7 +29,9 @@ def add_commands(commands: Any) -> None:
         "spec with several models, canary splits and autoscaling (`kiln serve spec.yaml`) until "
         "Ctrl-C, which drains and stops. `kiln serve build spec.yaml > serve_config.yaml` writes "
         "a Serve config for `serve deploy` or a KubeRay RayService serveConfigV2. Endpoints: "
-        "Open Inference Protocol v2 under /v2, POST /v1/models/NAME:predict, docs at /docs.",
+        "Open Inference Protocol v2 under /v2, POST /v1/models/NAME:predict, docs at /docs; "
+        "language models: the OpenAI-compatible /v1/completions, /v1/chat/completions and "
+        "/v1/models (point the openai client's base_url at /v1).",
     )
     serve.add_argument(
         "target", help="a model ref (NAME, NAME:VERSION, NAME@ALIAS), a serve spec YAML, or build"
@@ -141,7 +143,7 @@ def _announce(spec: Any) -> None:
     print(f"auth: bearer token from {source}" if source else "auth: off (no token configured)")
     print(
         f"ready at {url}  (OIP {url}/v2/models/NAME/infer, {url}/v1/models/NAME:predict, "
-        f"docs {url}/docs); Ctrl-C stops",
+        f"language models: OpenAI-compatible base_url {url}/v1, docs {url}/docs); Ctrl-C stops",
         flush=True,
     )
 

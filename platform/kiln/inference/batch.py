@@ -1,4 +1,4 @@
-"""Batch scoring: a registered model over a dataset, as one Ray Data job.
+"""Batch scoring and batch generation: a registered model over a dataset, as one Ray Data job.
 
 The driver resolves the model reference once, plans the reads (file list, parquet footers, column
 checks) and then runs::
@@ -7,12 +7,17 @@ checks) and then runs::
         -> actor pool of Predictors (map_batches) -> Parquet in a staging directory
 
 Rows that cannot be scored fail the job, naming the file and row, or are set aside in
-`_errors/`. Nothing is dropped: the rows read, written and set aside are counted from the files
-themselves and must reconcile before the staging directory is renamed to the output path.
+`_errors/`. With `task="generate"` a language model completes each row's prompt instead (an
+actor pool of `LMPredictor`s); a null prompt, or one the model cannot complete (too long for the
+context with max_tokens), is a bad row like any other. Nothing is dropped: the rows read,
+written and set aside are counted from the files themselves and must reconcile before the
+staging directory is renamed to the output path.
 
 Output layout::
 
     OUT/*.parquet          key column, prediction, prob_<class>... (classification), model
+                           (--task generate: key column, prompt, completion, prompt_tokens,
+                           completion_tokens, finish_reason, model)
     OUT/_errors/*.parquet  quarantined rows: key, reason, file, row, then the input columns as text
     OUT/_SUCCESS           the summary as JSON, written just before the rename
 """
@@ -45,6 +50,7 @@ import pyarrow.parquet as pq
 from kiln import storage
 from kiln.data.source import FileSet, resolve_files
 from kiln.errors import DataError, KilnError
+from kiln.inference.lm import Completion, GenerationRequest, LMPredictor, is_language_model
 from kiln.inference.predictor import Predictor
 from kiln.registry import Registry
 
@@ -67,6 +73,65 @@ _MAX_LINE = 64 << 20
 # type inference would have.
 _NULL_TOKENS = pa.array(pacsv.ConvertOptions().null_values, type=pa.string())
 _OUTPUT_COLUMNS = ("prediction", "model")
+TASKS = ("predict", "generate")
+_GENERATE_COLUMNS = (
+    ("prompt", pa.string()),
+    ("completion", pa.string()),
+    ("prompt_tokens", pa.int32()),
+    ("completion_tokens", pa.int32()),
+    ("finish_reason", pa.string()),
+    ("model", pa.string()),
+)
+
+
+@dataclass(frozen=True)
+class GenerateOptions:
+    """Batch generation (`task="generate"`): which column holds the prompts, and how to sample.
+    The same options for every row; with a seed, a row's text does not depend on its batch."""
+
+    prompt_column: str = "prompt"
+    """Input column of prompt text (one completion per row)."""
+    max_tokens: int = 16
+    """Most tokens generated per prompt; prompt plus max_tokens must fit the context."""
+    temperature: float = 0.0
+    """0 is greedy decoding (the same text as the endpoint and the predictor give)."""
+    top_p: float | None = None
+    """Nucleus sampling threshold in (0, 1]."""
+    top_k: int | None = None
+    """Sample from the k most likely tokens."""
+    stop: tuple[str, ...] = ()
+    """Strings that end a completion (cut from the text)."""
+    seed: int | None = None
+    """Sampling seed, the same for every row (the same prompt gives the same text)."""
+
+    def check(self) -> None:
+        """Raises KilnError naming the flag of an option out of range."""
+        problems = [
+            (self.max_tokens < 1, f"--max-tokens must be at least 1, got {self.max_tokens}"),
+            (self.temperature < 0, f"--temperature must be >= 0, got {self.temperature}"),
+            (
+                self.top_p is not None and not 0.0 < self.top_p <= 1.0,
+                f"--top-p must be in (0, 1], got {self.top_p}",
+            ),
+            (self.top_k is not None and self.top_k < 1, f"--top-k must be >= 1, got {self.top_k}"),
+            (any(not s for s in self.stop), "--stop: a stop sequence must not be empty"),
+            (not self.prompt_column, "--prompt-column must name a column"),
+        ]
+        for failed, message in problems:
+            if failed:
+                raise KilnError(message)
+
+    def request(self, prompt: str) -> GenerationRequest:
+        """The predictor's request for one prompt."""
+        return GenerationRequest(
+            prompt=prompt,
+            max_tokens=self.max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            stop=list(self.stop),
+            seed=self.seed,
+        )
 
 
 @dataclass(frozen=True)
@@ -119,6 +184,8 @@ class _Job:
     model: str
     device: str
     on_error: str
+    generate: GenerateOptions | None = None
+    """Batch generation options; None for scoring."""
 
     @property
     def key_name(self) -> str:
@@ -148,8 +215,11 @@ def score(
     overwrite: bool = False,
     address: str | None = None,
     progress_interval: float = 5.0,
+    task: str = "predict",
+    generate: GenerateOptions | None = None,
 ) -> ScoreSummary:
-    """Score every row at `input` with a registered model and write Parquet to `output`.
+    """Score every row at `input` with a registered model and write Parquet to `output`; with
+    `task="generate"`, complete every row's prompt with a registered language model.
 
     Args:
         ref: `name`, `name:version` or `name@alias`; resolved once, so every actor loads the same
@@ -172,26 +242,32 @@ def score(
         address: Ray cluster address; default RAY_ADDRESS or a local Ray.
         progress_interval: seconds between progress log lines when Ray Data's progress bars are
             off (not a terminal).
+        task: "predict" (a tabular model scores rows) or "generate" (a language model completes
+            prompts).
+        generate: the prompt column and sampling for `task="generate"` (default options if
+            None).
 
     Raises:
         DataError: bad input (missing column, wrong type, unreadable file) or, with
             on_error="fail", a row that cannot be scored.
-        KilnError: bad options, an unknown model, an existing output, or counts that do not
-            reconcile (then nothing is committed).
+        KilnError: bad options, an unknown model, a task the model cannot do, an existing
+            output, or counts that do not reconcile (then nothing is committed).
     """
     from kiln.cluster import connect
 
-    _check_options(batch_size, concurrency, on_error, key, num_cpus_per_actor, num_gpus)
+    generate = _check_task(task, generate)
+    _check_options(batch_size, concurrency, on_error, key, num_cpus_per_actor, num_gpus, generate)
     registry = _absolute(registry)
     model = Registry(registry).resolve(ref).ref
-    predictor = Predictor(registry, model)
+    plan = _model_plan(registry, model, generate)
     files = resolve_files(input, fmt, field="--input")
     out_fs, out_path = storage.open_location(output, field="--output")
     _check_output(out_fs, out_path, output, overwrite)
     staging = _staging_path(out_path)
-    job, expected = _plan(files, predictor, key, out_fs, staging, registry, on_error, num_gpus)
+    job, expected = _plan(files, plan, key, out_fs, staging, registry, on_error, num_gpus)
     logger.info(
-        "scoring %d %s files (%s rows) with %s: %d..%d actors x %g CPU%s, batch %d -> %s",
+        "%s %d %s files (%s rows) with %s: %d..%d actors x %g CPU%s, batch %d -> %s",
+        "generating for" if generate else "scoring",
         len(files.paths),
         fmt,
         "?" if expected is None else expected,
@@ -224,6 +300,19 @@ def score(
     return summary
 
 
+def _check_task(task: str, generate: GenerateOptions | None) -> GenerateOptions | None:
+    """The generation options when `task` is generate (defaults if None), else None."""
+    if task not in TASKS:
+        raise KilnError(f"--task must be one of {list(TASKS)}, got {task!r}")
+    if task == "predict":
+        if generate is not None:
+            raise KilnError("generation options (--max-tokens, ...) need --task generate")
+        return None
+    generate = generate or GenerateOptions()
+    generate.check()
+    return generate
+
+
 def _check_options(
     batch_size: int,
     concurrency: tuple[int, int],
@@ -231,7 +320,10 @@ def _check_options(
     key: str | None,
     num_cpus: float,
     num_gpus: float,
+    generate: GenerateOptions | None = None,
 ) -> None:
+    if generate is not None and key in {name for name, _ in _GENERATE_COLUMNS}:
+        raise KilnError(f"--key: column {key!r} clashes with an output column of that name")
     if batch_size < 1:
         raise KilnError(f"--batch-size must be at least 1, got {batch_size}")
     low, high = concurrency
@@ -254,9 +346,53 @@ def _absolute(location: str) -> str:
 # Planning on the driver
 
 
+@dataclass(frozen=True)
+class _ModelPlan:
+    """What planning needs to know of the model: its exact ref, the input columns it reads and
+    the output columns after the key."""
+
+    ref: str
+    numeric: tuple[str, ...]
+    categorical: tuple[str, ...]
+    """Text-like input columns (for generation: the prompt column)."""
+    outputs: tuple[pa.Field, ...]
+    generate: GenerateOptions | None
+
+
+def _model_plan(registry: str, model: str, generate: GenerateOptions | None) -> _ModelPlan:
+    """Check that the model can do the task, and what it reads and writes.
+
+    Raises:
+        KilnError: a language model asked to predict, or a tabular model asked to generate.
+    """
+    language_model = is_language_model(registry, model)
+    if generate is None:
+        if language_model:
+            raise KilnError(
+                f"{model} is a language model: generate with it (kiln score {model} "
+                "--task generate --prompt-column COLUMN --max-tokens N)"
+            )
+        predictor = Predictor(registry, model)
+        schema = predictor.schema
+        return _ModelPlan(
+            ref=model,
+            numeric=tuple(schema["numeric"]),
+            categorical=tuple(schema["categorical"]),
+            outputs=_prediction_fields(predictor),
+            generate=None,
+        )
+    if not language_model:
+        raise KilnError(
+            f"--task generate needs a language model; {model} is a tabular model (score it "
+            "without --task generate)"
+        )
+    fields = tuple(pa.field(name, dtype) for name, dtype in _GENERATE_COLUMNS)
+    return _ModelPlan(model, (), (generate.prompt_column,), fields, generate)
+
+
 def _plan(
     files: FileSet,
-    predictor: Predictor,
+    plan: _ModelPlan,
     key: str | None,
     out_fs: pafs.FileSystem,
     staging: str,
@@ -265,11 +401,11 @@ def _plan(
     num_gpus: float,
 ) -> tuple[_Job, int | None]:
     """The job description and the rows expected (parquet footers; None for csv/jsonl)."""
-    schema = predictor.schema
-    numeric, categorical = tuple(schema["numeric"]), tuple(schema["categorical"])
+    numeric, categorical = plan.numeric, plan.categorical
     needed = [*numeric, *categorical] + ([key] if key and key not in numeric + categorical else [])
     if files.format == "parquet":
-        items, key_type, expected = _plan_parquet(files, numeric, categorical, key)
+        text_only = plan.generate is not None
+        items, key_type, expected = _plan_parquet(files, numeric, categorical, key, text_only)
     else:
         with ThreadPoolExecutor(max_workers=max(1, min(16, len(files.paths)))) as pool:
             list(pool.map(lambda path: _check_text_head(files, path, needed), files.paths))
@@ -288,31 +424,30 @@ def _plan(
         categorical=categorical,
         key=key,
         key_type=key_type,
-        output_schema=_output_schema(predictor, key or DEFAULT_KEY, key_type),
+        output_schema=pa.schema([pa.field(key or DEFAULT_KEY, key_type), *plan.outputs]),
         out_fs=out_fs,
         staging=staging,
         registry=registry,
-        model=predictor.ref,
+        model=plan.ref,
         device="cuda" if num_gpus > 0 else "cpu",
         on_error=on_error,
+        generate=plan.generate,
     )
     return job, expected
 
 
-def _output_schema(predictor: Predictor, key_name: str, key_type: pa.DataType) -> pa.Schema:
+def _prediction_fields(predictor: Predictor) -> tuple[pa.Field, ...]:
+    """Scoring's output columns after the key."""
     if predictor.task == "classification":
         labels = predictor.preprocessor.inverse_label(np.zeros(1, dtype=np.int64))
         prediction_type = pa.array(labels).type
         classes = [pa.field(f"prob_{c}", pa.float32()) for c in predictor.classes or []]
     else:
         prediction_type, classes = pa.float64(), []
-    return pa.schema(
-        [
-            pa.field(key_name, key_type),
-            pa.field("prediction", prediction_type),
-            *classes,
-            pa.field("model", pa.string()),
-        ]
+    return (
+        pa.field("prediction", prediction_type),
+        *classes,
+        pa.field("model", pa.string()),
     )
 
 
@@ -328,9 +463,19 @@ def _key_names(files: FileSet) -> tuple[str, ...]:
 
 
 def _plan_parquet(
-    files: FileSet, numeric: tuple[str, ...], categorical: tuple[str, ...], key: str | None
+    files: FileSet,
+    numeric: tuple[str, ...],
+    categorical: tuple[str, ...],
+    key: str | None,
+    text_only: bool = False,
 ) -> tuple[tuple[_Item, ...], pa.DataType, int]:
-    """Check every footer's columns, and split files into items of whole row groups."""
+    """Check every footer's columns (`text_only`: the categorical columns must be text, as
+    prompts are), and split files into items of whole row groups."""
+    accepts, what = (
+        (_is_text, "text (the prompts)")
+        if text_only
+        else (_is_scalar, "a category (text, number or bool)")
+    )
 
     def footer(path: str) -> pq.FileMetaData:
         try:
@@ -351,7 +496,7 @@ def _plan_parquet(
         for name in numeric:
             _check_column(schema, name, shown, _is_number_like, "a number")
         for name in categorical:
-            _check_column(schema, name, shown, _is_scalar, "a category (text, number or bool)")
+            _check_column(schema, name, shown, accepts, what)
         if key:
             key_types.append(_check_column(schema, key, shown, _is_scalar, "a key"))
         items.extend(_row_group_items(index, meta))
@@ -390,6 +535,12 @@ def _is_number_like(dtype: pa.DataType) -> bool:
         return _is_number_like(dtype.value_type)
     checks = (pa.types.is_integer, pa.types.is_floating, pa.types.is_boolean, pa.types.is_decimal)
     return pa.types.is_null(dtype) or any(check(dtype) for check in checks)
+
+
+def _is_text(dtype: pa.DataType) -> bool:
+    if pa.types.is_dictionary(dtype):
+        return _is_text(dtype.value_type)
+    return pa.types.is_string(dtype) or pa.types.is_large_string(dtype) or pa.types.is_null(dtype)
 
 
 def _is_scalar(dtype: pa.DataType) -> bool:
@@ -469,6 +620,8 @@ def _write_success(job: _Job, summary: ScoreSummary, files: FileSet) -> None:
         "files": len(files.paths),
         "key": job.key or "file:row",
         "on_error": job.on_error,
+        "task": "generate" if job.generate else "predict",
+        **({"generation": asdict(job.generate)} if job.generate else {}),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     _delete_dir(job.out_fs, storage.join(job.staging, _READS))
@@ -602,8 +755,9 @@ def _run(
         fn_kwargs={"job": job},
         num_cpus=read_cpus,
     )
+    actor: Any = GenerationActor if job.generate else ScoringActor
     dataset = dataset.map_batches(
-        ScoringActor,
+        actor,
         batch_size=batch_size,
         batch_format="pyarrow",
         fn_constructor_kwargs={"job": job},
@@ -878,14 +1032,74 @@ def _to_float(column: pa.Array, name: str) -> tuple[pa.Array, dict[int, str]]:
 # Scoring
 
 
-class ScoringActor:
-    """A Ray Data actor holding one `Predictor`: scores batches, sets bad rows aside."""
+class _RowActor:
+    """What the scoring and generation actors share: row keys, the checks that need no model,
+    and setting bad rows aside (or failing the job on the first)."""
 
     def __init__(self, job: _Job) -> None:
         self.job = job
+        self.names = pa.array(job.names, type=pa.string())
+
+    def _row_problems(self, batch: pa.Table) -> dict[int, str]:
+        """Rows that cannot be used (unreadable, or an empty key), with the reason."""
+        reasons: dict[int, str] = {}
+        errors = batch.column(_ERROR)
+        if errors.null_count < len(errors):
+            reasons = {i: r for i, r in enumerate(errors.to_pylist()) if r is not None}
+        if self.job.key:
+            key = batch.column(self.job.key)
+            empty = pc.is_null(key, nan_is_null=True)
+            if pa.types.is_string(key.type) or pa.types.is_large_string(key.type):
+                empty = pc.or_(empty, pc.equal(pc.fill_null(key, ""), ""))
+            for i in np.flatnonzero(np.asarray(empty.to_numpy(), dtype=bool)).tolist():
+                reasons.setdefault(i, f"key column {self.job.key!r} is empty")
+        return reasons
+
+    def _keys(self, batch: pa.Table) -> pa.Array:
+        if self.job.key:
+            return batch.column(self.job.key).combine_chunks()
+        files = pc.take(self.names, batch.column(_FILE))
+        rows = pc.cast(batch.column(_ROW), pa.string())
+        return pc.binary_join_element_wise(files, rows, ":").combine_chunks()
+
+    def _set_aside(self, batch: pa.Table, reasons: dict[int, str]) -> None:
+        rows = sorted(reasons)
+        bad = batch.take(rows)
+        files = bad.column(_FILE).to_pylist()
+        positions = bad.column(_ROW).to_pylist()
+        first = f"{files[0]:08d}-{positions[0]:012d}"
+        if self.job.on_error == "fail":
+            more = len(rows) - 1
+            more_text = f" (and {more} more in this batch)" if more else ""
+            message = (
+                f"{self.job.shown[files[0]]}: row {positions[0]}: {reasons[rows[0]]}{more_text}; "
+                "rerun with --on-error quarantine to set bad rows aside and score the rest"
+            )
+            _record_failure(self.job, first, message)
+            raise DataError(message)
+        columns: dict[str, pa.Array] = {
+            self.job.key_name: self._keys(bad).cast(pa.string()),
+            "reason": pa.array([reasons[row] for row in rows], type=pa.string()),
+            "file": pa.array([self.job.shown[f] for f in files], type=pa.string()),
+            "row": bad.column(_ROW),
+        }
+        for name in self.job.columns:
+            if name != self.job.key:
+                label = name if name not in columns else f"{name}_input"
+                columns[label] = bad.column(name).cast(pa.string())
+        # Named after its first bad row: a retried batch overwrites rather than duplicates.
+        path = storage.join(self.job.staging, ERRORS, f"{first}.parquet")
+        with self.job.out_fs.open_output_stream(path) as stream:
+            pq.write_table(pa.table(columns), stream)
+
+
+class ScoringActor(_RowActor):
+    """A Ray Data actor holding one `Predictor`: scores batches, sets bad rows aside."""
+
+    def __init__(self, job: _Job) -> None:
+        super().__init__(job)
         self.predictor = Predictor(job.registry, job.model, device=job.device)
         self.drop_missing = self.predictor.preprocessor.missing == "drop"
-        self.names = pa.array(job.names, type=pa.string())
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         reasons = self._row_problems(batch)
@@ -901,17 +1115,7 @@ class ScoringActor:
 
     def _row_problems(self, batch: pa.Table) -> dict[int, str]:
         """Rows that cannot be scored, found without calling the model, with the reason."""
-        reasons: dict[int, str] = {}
-        errors = batch.column(_ERROR)
-        if errors.null_count < len(errors):
-            reasons = {i: r for i, r in enumerate(errors.to_pylist()) if r is not None}
-        if self.job.key:
-            key = batch.column(self.job.key)
-            empty = pc.is_null(key, nan_is_null=True)
-            if pa.types.is_string(key.type) or pa.types.is_large_string(key.type):
-                empty = pc.or_(empty, pc.equal(pc.fill_null(key, ""), ""))
-            for i in np.flatnonzero(np.asarray(empty.to_numpy(), dtype=bool)).tolist():
-                reasons.setdefault(i, f"key column {self.job.key!r} is empty")
+        reasons = super()._row_problems(batch)
         if self.drop_missing:
             dropped = self.predictor.preprocessor.drop_mask(batch, with_label=False)
             for i in np.flatnonzero(dropped).tolist():
@@ -952,13 +1156,6 @@ class ScoringActor:
         )
         return np.concatenate([first[0], second[0]]), outputs, {**first[2], **second[2]}
 
-    def _keys(self, batch: pa.Table) -> pa.Array:
-        if self.job.key:
-            return batch.column(self.job.key).combine_chunks()
-        files = pc.take(self.names, batch.column(_FILE))
-        rows = pc.cast(batch.column(_ROW), pa.string())
-        return pc.binary_join_element_wise(files, rows, ":").combine_chunks()
-
     def _output(self, batch: pa.Table, outputs: dict[str, np.ndarray]) -> pa.Table:
         schema = self.job.output_schema
         if batch.num_rows == 0:
@@ -970,32 +1167,51 @@ class ScoringActor:
         columns.append(pa.array([self.job.model] * batch.num_rows, type=pa.string()))
         return pa.Table.from_arrays(columns, names=schema.names).cast(schema)
 
-    def _set_aside(self, batch: pa.Table, reasons: dict[int, str]) -> None:
-        rows = sorted(reasons)
-        bad = batch.take(rows)
-        files = bad.column(_FILE).to_pylist()
-        positions = bad.column(_ROW).to_pylist()
-        first = f"{files[0]:08d}-{positions[0]:012d}"
-        if self.job.on_error == "fail":
-            more = len(rows) - 1
-            more_text = f" (and {more} more in this batch)" if more else ""
-            message = (
-                f"{self.job.shown[files[0]]}: row {positions[0]}: {reasons[rows[0]]}{more_text}; "
-                "rerun with --on-error quarantine to set bad rows aside and score the rest"
-            )
-            _record_failure(self.job, first, message)
-            raise DataError(message)
-        columns: dict[str, pa.Array] = {
-            self.job.key_name: self._keys(bad).cast(pa.string()),
-            "reason": pa.array([reasons[row] for row in rows], type=pa.string()),
-            "file": pa.array([self.job.shown[f] for f in files], type=pa.string()),
-            "row": bad.column(_ROW),
-        }
-        for name in self.job.columns:
-            if name != self.job.key:
-                label = name if name not in columns else f"{name}_input"
-                columns[label] = bad.column(name).cast(pa.string())
-        # Named after its first bad row: a retried batch overwrites rather than duplicates.
-        path = storage.join(self.job.staging, ERRORS, f"{first}.parquet")
-        with self.job.out_fs.open_output_stream(path) as stream:
-            pq.write_table(pa.table(columns), stream)
+
+class GenerationActor(_RowActor):
+    """A Ray Data actor holding one `LMPredictor`: completes each row's prompt, sets aside rows
+    without a prompt or with one the model cannot complete."""
+
+    def __init__(self, job: _Job) -> None:
+        super().__init__(job)
+        assert job.generate is not None
+        self.options = job.generate
+        self.predictor = LMPredictor(job.registry, job.model, device=job.device)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        reasons = self._row_problems(batch)
+        column = self.options.prompt_column
+        prompts = batch.column(column).to_pylist()
+        done: list[int] = []
+        results: list[Completion] = []
+        for row, prompt in enumerate(prompts):
+            if row in reasons:
+                continue
+            if prompt is None:
+                reasons[row] = f"prompt column {column!r} is null"
+                continue
+            try:
+                results.append(self.predictor.complete(self.options.request(prompt)))
+            except DataError as exc:
+                reasons[row] = str(exc)
+                continue
+            done.append(row)
+        if reasons:
+            self._set_aside(batch, reasons)
+        rows = np.asarray(done, dtype=np.int64)  # an empty list would have no type
+        return self._output(batch.take(rows), [prompts[row] for row in done], results)
+
+    def _output(self, batch: pa.Table, prompts: list[str], results: list[Completion]) -> pa.Table:
+        schema = self.job.output_schema
+        if batch.num_rows == 0:
+            return schema.empty_table()
+        columns = [
+            self._keys(batch),
+            pa.array(prompts, type=pa.string()),
+            pa.array([r.text for r in results], type=pa.string()),
+            pa.array([r.prompt_tokens for r in results], type=pa.int32()),
+            pa.array([r.completion_tokens for r in results], type=pa.int32()),
+            pa.array([r.finish_reason for r in results], type=pa.string()),
+            pa.array([self.job.model] * batch.num_rows, type=pa.string()),
+        ]
+        return pa.Table.from_arrays(columns, names=schema.names).cast(schema)

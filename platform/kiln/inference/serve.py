@@ -1,9 +1,12 @@
 """Online serving on Ray Serve: registered models behind one FastAPI ingress.
 
-One `ModelServer` deployment per served model version (a `Predictor` with dynamic request
-batching, autoscaled), plus one `Ingress` deployment that speaks HTTP: the Open Inference Protocol
-v2 under `/v2`, a JSON `:predict` route under `/v1`, bearer-token auth, body and time limits,
-validation, the weighted canary split and error mapping. `build_app` turns a serve spec into the
+One model deployment per served model version, autoscaled: a `ModelServer` (a `Predictor` with
+dynamic request batching) for a tabular model, an `LMServer` (an `LMPredictor` generating in
+worker threads, streaming) for a language model. One `Ingress` deployment speaks HTTP: the Open
+Inference Protocol v2 under `/v2` and a JSON `:predict` route under `/v1` for tabular models, the
+OpenAI-compatible `/v1/completions`, `/v1/chat/completions` and `/v1/models` for language models
+(see `openai_api`), with bearer-token auth, body and time limits, validation, the weighted
+canary split and error mapping for all of them. `build_app` turns a serve spec into the
 application; it is also the `import_path` of the Serve config that `serve_config` writes.
 """
 
@@ -17,6 +20,7 @@ import os
 import random
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, cast
 
 import numpy as np
@@ -24,7 +28,7 @@ import pyarrow as pa
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve import metrics
 from ray.serve.deployment import Application, Deployment
@@ -33,8 +37,11 @@ from starlette.exceptions import HTTPException
 
 from kiln import __version__
 from kiln.errors import DataError
-from kiln.inference import oip
+from kiln.inference import oip, openai_api
+from kiln.inference.lm import LANGUAGE_MODELING
+from kiln.inference.lm_server import EventStream, LMServer, next_piece, refused
 from kiln.inference.oip import ModelInfo, RequestError
+from kiln.inference.openai_api import APIError, ChatRequest, CompletionRequest, Generated
 from kiln.inference.predictor import Predictor
 from kiln.inference.serve_spec import (
     ModelServeSpec,
@@ -147,8 +154,10 @@ def _probe_table(schema: dict[str, Any]) -> pa.Table:
 app = FastAPI(
     title="kiln model server",
     version=__version__,
-    description="Open Inference Protocol v2 (KServe V2 REST) under /v2 and a JSON :predict "
-    "route under /v1. Send `Authorization: Bearer <token>` when the server has a token.",
+    description="Tabular models: the Open Inference Protocol v2 (KServe V2 REST) under /v2 and "
+    "a JSON :predict route under /v1. Language models: the OpenAI-compatible /v1/completions, "
+    "/v1/chat/completions and /v1/models (streaming as server-sent events). Send "
+    "`Authorization: Bearer <token>` when the server has a token.",
 )
 
 
@@ -168,8 +177,10 @@ async def _validation_error(_request: Request, exc: RequestValidationError) -> J
     return JSONResponse(oip.error_body(str(exc.errors())), status_code=400)
 
 
-def _doc_responses(model: type, *codes: int) -> dict[int | str, dict[str, Any]]:
-    errors: dict[int | str, dict[str, Any]] = {code: {"model": oip.ErrorDoc} for code in codes}
+def _doc_responses(
+    model: type, *codes: int, error: type = oip.ErrorDoc
+) -> dict[int | str, dict[str, Any]]:
+    errors: dict[int | str, dict[str, Any]] = {code: {"model": error} for code in codes}
     return {200: {"model": model}, **errors}
 
 
@@ -187,7 +198,7 @@ def _openapi() -> dict[str, Any]:
         title=app.title, version=app.version, description=app.description, routes=app.routes
     )
     schemas = document.setdefault("components", {}).setdefault("schemas", {})
-    for model in (oip.InferRequestDoc, oip.PredictRequestDoc):
+    for model in (oip.InferRequestDoc, oip.PredictRequestDoc, CompletionRequest, ChatRequest):
         defs = model.model_json_schema(ref_template="#/components/schemas/{model}")
         schemas.update(defs.pop("$defs", {}))
         schemas[model.__name__] = defs
@@ -204,6 +215,18 @@ class _Variant:
     info: ModelInfo
     weight: float
     handle: Any
+    created: int = 0
+    """When the version was registered (Unix seconds), for `/v1/models`."""
+
+    @property
+    def is_lm(self) -> bool:
+        """Whether this is a language model (served by the OpenAI-compatible routes)."""
+        return self.info.task == LANGUAGE_MODELING
+
+    @property
+    def model_field(self) -> str:
+        """`served-name:version`: the `model` of OpenAI-style answers."""
+        return f"{self.info.name}:{self.info.version}"
 
 
 @dataclass
@@ -236,13 +259,49 @@ class _LocalMethod:
         return asyncio.ensure_future(self._function(*args))
 
 
-class _LocalHandle:
-    """A ModelServer inside the ingress replica, called the way a deployment handle is."""
+class _LocalStream:
+    """`handle.options(stream=True).method.remote(...)` for a server in this process: an async
+    iterator with `cancel()`, like a DeploymentResponseGenerator."""
 
-    def __init__(self, server: ModelServer) -> None:
+    def __init__(self, generator: Any) -> None:
+        self._generator = generator
+        self._closing: asyncio.Future[None] | None = None
+
+    def __aiter__(self) -> _LocalStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        return await self._generator.__anext__()
+
+    def cancel(self) -> None:
+        self._closing = asyncio.ensure_future(self._generator.aclose())
+
+
+class _LocalStreamMethod:
+    def __init__(self, function: Any) -> None:
+        self._function = function
+
+    def remote(self, *args: Any) -> _LocalStream:
+        return _LocalStream(self._function(*args))
+
+
+class _LocalHandle:
+    """A ModelServer or LMServer inside the ingress replica, called the way a deployment handle
+    is (`options(stream=True)` included)."""
+
+    def __init__(self, server: ModelServer | LMServer, streaming: bool = False) -> None:
         self.server = server
-        self.predict = _LocalMethod(server.predict)
         self.ping = _LocalMethod(self._ping)
+        if isinstance(server, LMServer):
+            method: Any = _LocalStreamMethod if streaming else _LocalMethod
+            self.complete = _LocalMethod(server.complete)
+            self.stream = method(server.stream)
+        else:
+            self.predict = _LocalMethod(server.predict)
+
+    def options(self, *, stream: bool = False) -> _LocalHandle:
+        """The handle with streaming calls (`stream=True`), as DeploymentHandle.options."""
+        return _LocalHandle(self.server, streaming=stream)
 
     async def _ping(self) -> str:
         return self.server.ping()
@@ -267,7 +326,7 @@ class Ingress:
     ) -> None:
         self.spec = validate_serve_spec(spec, "ingress spec")
         self._token = load_token(self.spec.auth)
-        self._local = _LocalHandle(ModelServer(**colocated)) if colocated else None
+        self._local = _colocated_handle(colocated, routes) if colocated else None
         self.models = {
             route["name"]: _Served(
                 route["name"],
@@ -276,12 +335,14 @@ class Ingress:
                         ModelInfo.from_schema(route["name"], v["ref"], v["schema"]),
                         v["weight"],
                         self._local if v["handle"] is None else v["handle"],
+                        int(v.get("created", 0)),
                     )
                     for v in route["variants"]
                 ],
             )
             for route in routes
         }
+        self._started = openai_api.now()
         self._ready_at: dict[str, float] = {}
         self._requests = metrics.Counter(
             "kiln_requests", description="Inference requests answered.", tag_keys=_STATUS_TAGS
@@ -299,7 +360,8 @@ class Ingress:
         )
 
     def check_health(self) -> None:
-        """Serve's health check: a colocated model must still predict finite outputs."""
+        """Serve's health check: a colocated model must still predict finite outputs (a language
+        model: generate a token)."""
         if self._local is not None:
             self._local.server.check_health()
 
@@ -328,6 +390,7 @@ class Ingress:
     async def model_metadata(self, name: str, request: Request) -> dict[str, Any]:
         self._authorize(request)
         served = self._served(name)
+        _not_an_lm(served.variants[0])
         versions = list(dict.fromkeys(v.info.version for v in served.variants))
         return oip.model_metadata(served.variants[0].info, versions)
 
@@ -339,6 +402,7 @@ class Ingress:
     async def version_metadata(self, name: str, version: str, request: Request) -> dict[str, Any]:
         self._authorize(request)
         variant = self._served(name).pick(version)
+        _not_an_lm(variant)
         return oip.model_metadata(variant.info, [variant.info.version])
 
     @app.get("/v2/models/{name}/ready", summary="Model readiness (OIP)")
@@ -377,13 +441,25 @@ class Ingress:
 
     # ---- JSON :predict ---------------------------------------------------------------------------
 
-    @app.get("/v1/models/{name}", summary="A model's features, classes and versions")
-    async def describe(self, name: str, request: Request) -> dict[str, Any]:
+    @app.get(
+        "/v1/models/{name}",
+        summary="A model's features, classes and versions (a language model: its OpenAI model "
+        "object, `models.retrieve`)",
+    )
+    async def describe(self, name: str, request: Request) -> Response:
+        lm = self.models.get(openai_api.split_model(name)[0])
+        if lm is not None and lm.variants[0].is_lm:
+
+            async def retrieve(tags: dict[str, str]) -> Response:
+                self._lm_variant(name, tags)  # a pinned version must exist
+                return JSONResponse(self._model_object(lm))
+
+            return await self._serve_openai(request, "models", retrieve)
         self._authorize(request)
         served = self._served(name)
         info = served.variants[0].info
         total = sum(v.weight for v in served.variants)
-        return {
+        document = {
             "name": name,
             "task": info.task,
             "features": list(info.features),
@@ -394,6 +470,7 @@ class Ingress:
                 for v in served.variants
             ],
         }
+        return JSONResponse(document)
 
     @app.post(
         "/v1/models/{name}:predict",
@@ -412,6 +489,165 @@ class Ingress:
     )
     async def predict_version(self, name: str, version: str, request: Request) -> Response:
         return await self._predict(name, version, request)
+
+    # ---- OpenAI-compatible routes (language models) ----------------------------------------------
+
+    @app.get(
+        "/v1/models",
+        summary="The served language models (OpenAI `models.list`)",
+        responses=_doc_responses(openai_api.ModelListDoc, 401, error=openai_api.ErrorDoc),
+    )
+    async def list_models(self, request: Request) -> Response:
+        async def handle(_tags: dict[str, str]) -> Response:
+            data = [
+                self._model_object(served)
+                for served in self.models.values()
+                if served.variants[0].is_lm
+            ]
+            return JSONResponse(openai_api.model_list(data))
+
+        return await self._serve_openai(request, "models", handle)
+
+    @app.post(
+        "/v1/completions",
+        summary="Complete a prompt (OpenAI-compatible; `stream: true` for server-sent events)",
+        responses=_doc_responses(openai_api.CompletionDoc, *_ERRORS, error=openai_api.ErrorDoc),
+        openapi_extra=_body_doc(CompletionRequest),
+    )
+    async def completions(self, request: Request) -> Response:
+        async def handle(tags: dict[str, str]) -> Response:
+            parsed = openai_api.parse_completion_request(await self._json(request))
+            variant = self._lm_variant(parsed.model, tags)
+            if parsed.stream:
+                generation = parsed.generation(parsed.prompts[0])
+                return await self._stream(variant, generation, parsed, chat=False)
+            calls = [self._generate(variant, parsed.generation(p)) for p in parsed.prompts]
+            results = await _all_or_none(calls)
+            document = openai_api.completion_response(
+                openai_api.new_id("cmpl"), openai_api.now(), variant.model_field, results
+            )
+            return JSONResponse(document, headers={"kiln-model": variant.model_field})
+
+        return await self._serve_openai(request, "completions", handle)
+
+    @app.post(
+        "/v1/chat/completions",
+        summary="The assistant's reply to a conversation (OpenAI-compatible; `stream: true` for "
+        "server-sent events)",
+        responses=_doc_responses(openai_api.ChatCompletionDoc, *_ERRORS, error=openai_api.ErrorDoc),
+        openapi_extra=_body_doc(ChatRequest),
+    )
+    async def chat_completions(self, request: Request) -> Response:
+        async def handle(tags: dict[str, str]) -> Response:
+            parsed = openai_api.parse_chat_request(await self._json(request))
+            variant = self._lm_variant(parsed.model, tags)
+            if parsed.stream:
+                return await self._stream(variant, parsed.generation(), parsed, chat=True)
+            result = await self._generate(variant, parsed.generation())
+            document = openai_api.chat_response(
+                openai_api.new_id("chatcmpl"), openai_api.now(), variant.model_field, result
+            )
+            return JSONResponse(document, headers={"kiln-model": variant.model_field})
+
+        return await self._serve_openai(request, "chat", handle)
+
+    def _model_object(self, served: _Served) -> dict[str, Any]:
+        total = sum(v.weight for v in served.variants)
+        return openai_api.model_object(
+            served.name,
+            max((v.created for v in served.variants), default=0) or self._started,
+            task=served.variants[0].info.task,
+            versions=[
+                {"version": v.info.version, "ref": v.info.ref, "traffic": v.weight / total}
+                for v in served.variants
+            ],
+        )
+
+    def _lm_variant(self, model: str, tags: dict[str, str]) -> _Variant:
+        """The language model version a request's `model` field picks (404 for an unknown one,
+        400 for a tabular model)."""
+        name, version = openai_api.split_model(model)
+        served = self.models.get(name)
+        if served is None:
+            known = ", ".join(sorted(n for n, s in self.models.items() if s.variants[0].is_lm))
+            raise APIError(
+                404,
+                f"model {model!r} does not exist; served language models: {known or 'none'}",
+                param="model",
+                code="model_not_found",
+            )
+        try:
+            variant = served.pick(version)
+        except RequestError as exc:
+            raise APIError(404, str(exc), param="model", code="model_not_found") from None
+        tags.update(model=variant.info.name, version=variant.info.version)
+        if not variant.is_lm:
+            raise APIError(
+                400,
+                f"model {name!r} is a {variant.info.task} model, not a language model; use "
+                f"POST /v1/models/{name}:predict or /v2/models/{name}/infer",
+                param="model",
+            )
+        return variant
+
+    async def _json(self, request: Request) -> Any:
+        return oip.parse_json(await self._body(request))
+
+    async def _generate(self, variant: _Variant, generation: dict[str, Any]) -> Generated:
+        """One whole completion from the variant's LM server."""
+        response = variant.handle.complete.remote(generation)
+        result = await self._await_replica(variant, response, self.spec.limits.request_timeout_s)
+        if "error" in result:
+            raise refused(result)
+        return Generated.from_dict(result)
+
+    async def _stream(
+        self,
+        variant: _Variant,
+        generation: dict[str, Any],
+        parsed: CompletionRequest | ChatRequest,
+        *,
+        chat: bool,
+    ) -> Response:
+        """Server-sent events. The first piece is awaited before answering, so a request the
+        model refuses still gets its 4xx status; the whole stream keeps to the time limit."""
+        deadline = time.monotonic() + self.spec.limits.request_timeout_s
+        pieces = variant.handle.options(stream=True).stream.remote(generation)
+        try:
+            first = await self._await_replica(
+                variant, next_piece(pieces), deadline - time.monotonic()
+            )
+        except RequestError:
+            pieces.cancel()
+            raise
+        if "error" in first:
+            raise refused(first)
+        model, ref = variant.model_field, variant.info.ref
+        events = EventStream(model, ref, pieces, first, parsed, chat, deadline)
+        headers = {"cache-control": "no-cache", "kiln-model": variant.model_field}
+        return StreamingResponse(events.run(), media_type="text/event-stream", headers=headers)
+
+    async def _serve_openai(self, request: Request, route: str, handle: Any) -> Response:
+        """Like `_serve_request` for the OpenAI routes: failures answer OpenAI's error body."""
+        start = time.perf_counter()
+        tags = {"model": "-", "version": "-", "route": route}
+        try:
+            self._authorize(request)
+            response: Response = await handle(tags)
+        except RequestError as exc:
+            headers = {"www-authenticate": "Bearer", **exc.headers} if exc.status == 401 else {}
+            response = JSONResponse(
+                openai_api.error_of(exc), status_code=exc.status, headers=headers or exc.headers
+            )
+        except Exception:
+            logger.exception("OpenAI-compatible %s request failed", route)
+            response = JSONResponse(openai_api.error_body(500, "internal error"), status_code=500)
+        status = {**tags, "status": str(response.status_code)}
+        self._requests.inc(tags=status)
+        if response.status_code >= 400:
+            self._errors.inc(tags=status)
+        self._latency.observe((time.perf_counter() - start) * 1000, tags=tags)
+        return response
 
     # ---- shared request path ---------------------------------------------------------------------
 
@@ -445,6 +681,7 @@ class Ingress:
             self._authorize(request)
             variant = self._served(name).pick(version)
             tags.update(model=variant.info.name, version=variant.info.version)
+            _not_an_lm(variant)
             response: Response = await handle(variant, await self._body(request))
         except RequestError as exc:
             response = await _request_error(request, exc)
@@ -459,13 +696,30 @@ class Ingress:
         return response
 
     async def _call(self, variant: _Variant, table: pa.Table) -> dict[str, Any]:
-        timeout = self.spec.limits.request_timeout_s
         response = variant.handle.predict.remote(table)
+        timeout = self.spec.limits.request_timeout_s
+        result: dict[str, Any] = await self._await_replica(variant, response, timeout)
+        if "error" in result:
+            raise RequestError(400, str(result["error"]))
+        for key, value in result.items():
+            if value.dtype.kind == "f" and not np.isfinite(value).all():
+                raise RequestError(500, f"{variant.info.ref} predicted a non-finite {key}")
+        return result
+
+    async def _await_replica(self, variant: _Variant, response: Any, timeout: float) -> Any:
+        """A model replica's answer within `timeout` seconds; time-outs (the call is cancelled),
+        overload and unavailable replicas become 504/503."""
+        limit = self.spec.limits.request_timeout_s
         try:
-            result: dict[str, Any] = await asyncio.wait_for(_resolve(response), timeout)
+            return await asyncio.wait_for(_resolve(response), max(timeout, 0.0))
+        except asyncio.CancelledError:  # the caller went away: so does the replica's work
+            if hasattr(response, "cancel"):
+                response.cancel()
+            raise
         except asyncio.TimeoutError:
-            response.cancel()
-            raise RequestError(504, f"{variant.info.ref}: no answer within {timeout} s") from None
+            if hasattr(response, "cancel"):
+                response.cancel()
+            raise RequestError(504, f"{variant.info.ref}: no answer within {limit} s") from None
         except BackPressureError as exc:
             retry = {"retry-after": str(math.ceil(exc.retry_after_s or 1))}
             raise RequestError(
@@ -473,12 +727,6 @@ class Ingress:
             ) from None
         except RayServeException as exc:
             raise RequestError(503, f"{variant.info.ref} is unavailable: {exc}") from None
-        if "error" in result:
-            raise RequestError(400, str(result["error"]))
-        for key, value in result.items():
-            if value.dtype.kind == "f" and not np.isfinite(value).all():
-                raise RequestError(500, f"{variant.info.ref} predicted a non-finite {key}")
-        return result
 
     async def _body(self, request: Request) -> bytes:
         limit = self.spec.limits.max_body_bytes
@@ -525,12 +773,43 @@ class Ingress:
         return True
 
 
+def _colocated_handle(args: dict[str, Any], routes: list[dict[str, Any]]) -> _LocalHandle:
+    """The one model of a colocated application, built in this replica."""
+    schema = routes[0]["variants"][0]["schema"]
+    if schema.get("task") == LANGUAGE_MODELING:
+        keys = ("registry", "ref", "served_name", "device")
+        return _LocalHandle(LMServer(**{key: args[key] for key in keys}))
+    return _LocalHandle(ModelServer(**args))
+
+
 MODEL_SERVER = cast(Deployment, serve.deployment(ModelServer))
+LM_SERVER = cast(Deployment, serve.deployment(LMServer))
 INGRESS_SERVER = cast(Deployment, serve.deployment(serve.ingress(app)(Ingress)))
 
 
 async def _resolve(response: Any) -> Any:
     return await response
+
+
+async def _all_or_none(calls: list[Any]) -> list[Any]:
+    """Every call's result; when one fails, the others are cancelled and its error raised."""
+    tasks = [asyncio.ensure_future(call) for call in calls]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        raise
+
+
+def _not_an_lm(variant: _Variant) -> None:
+    """The tabular routes refuse a language model, pointing at the OpenAI-compatible ones."""
+    if variant.is_lm:
+        raise RequestError(
+            400,
+            f"model {variant.info.name!r} is a language model: use POST /v1/completions or "
+            f'/v1/chat/completions with "model": "{variant.info.name}"',
+        )
 
 
 def _header_int(value: str | None) -> int | None:
@@ -573,21 +852,30 @@ def build_app(args: dict[str, Any]) -> Application:
                 )
             versions[mv.version] = variant.ref
             schema = registry.read_document(mv, "model.json")["input_schema"]
-            server_args = {
+            server_args: dict[str, Any] = {
                 "registry": spec.registry,
                 "ref": mv.ref,
                 "served_name": model.served_name,
                 "device": "cuda" if model.ray_actor_options.num_gpus > 0 else "cpu",
-                "max_batch_size": model.batching.max_batch_size,
-                "batch_wait_timeout_s": model.batching.batch_wait_timeout_s,
             }
+            is_lm = schema.get("task") == LANGUAGE_MODELING
+            if not is_lm:  # generation is not batched across requests
+                server_args["max_batch_size"] = model.batching.max_batch_size
+                server_args["batch_wait_timeout_s"] = model.batching.batch_wait_timeout_s
             if spec.colocated:
                 colocated, handle = server_args, None
             else:
                 options = model_deployment_options(model, variant.ref)
-                handle = MODEL_SERVER.options(**options).bind(**server_args)
+                server = LM_SERVER if is_lm else MODEL_SERVER
+                handle = server.options(**options).bind(**server_args)
             variants.append(
-                {"ref": mv.ref, "weight": variant.weight, "schema": schema, "handle": handle}
+                {
+                    "ref": mv.ref,
+                    "weight": variant.weight,
+                    "schema": schema,
+                    "handle": handle,
+                    "created": _unix_seconds(mv.created_at),
+                }
             )
             logger.info(
                 "%s: %s -> %s (weight %s)", model.served_name, variant.ref, mv.ref, variant.weight
@@ -596,6 +884,14 @@ def build_app(args: dict[str, Any]) -> Application:
     return INGRESS_SERVER.options(**ingress_deployment_options(spec)).bind(
         spec.model_dump(mode="json"), routes, colocated
     )
+
+
+def _unix_seconds(iso: str) -> int:
+    """A registry timestamp (ISO-8601) as Unix seconds; 0 when unreadable."""
+    try:
+        return int(datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp())
+    except ValueError:
+        return 0
 
 
 def absolute_paths(spec: ServeSpec) -> ServeSpec:

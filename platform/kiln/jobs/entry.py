@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from kiln.config import load_spec
+from kiln.config.spec import GenerationSpec
 from kiln.errors import KilnError
 
 
@@ -37,8 +38,31 @@ def score_argv(spec_path: str, overrides: list[str] | tuple[str, ...] = ()) -> l
         "--registry",
         spec.registry,
     ]
+    if score.task == "generate":
+        argv += _generation_argv(score.generation or GenerationSpec())
     if score.key:
         argv += ["--key", score.key]
     if score.overwrite:
         argv.append("--overwrite")
+    return argv
+
+
+def _generation_argv(generation: GenerationSpec) -> list[str]:
+    """`kiln score --task generate` flags for the spec's `score.generation`."""
+    argv = [
+        "--task",
+        "generate",
+        "--prompt-column",
+        generation.prompt_column,
+        "--max-tokens",
+        str(generation.max_tokens),
+        "--temperature",
+        str(generation.temperature),
+    ]
+    optional = {"--top-p": generation.top_p, "--top-k": generation.top_k, "--seed": generation.seed}
+    for flag, value in optional.items():
+        if value is not None:
+            argv += [flag, str(value)]
+    # --stop=TEXT: a stop string that starts with "-" must not read as a flag.
+    argv += [f"--stop={stop}" for stop in generation.stop]
     return argv
