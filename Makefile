@@ -7,8 +7,9 @@ STAMP := $(VENV)/.kiln-installed
 KILN := $(BIN)/kiln
 DEMO_DATA ?= data/digits
 DEMO_PORT ?= 8000
+LM_DATA ?= data/pystdlib
 
-.PHONY: install demo test test-fast lint format bench bench-tune clean
+.PHONY: install demo demo-lm test test-fast lint format bench bench-tune clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +31,19 @@ demo: install
 	$(BIN)/python jobs/demo_check.py accuracy out/scores $(DEMO_DATA)/test
 	$(KILN) serve digits-mlp@production --port $(DEMO_PORT) & serve=$$!; \
 	  $(BIN)/python jobs/demo_check.py requests $(DEMO_PORT) $(DEMO_DATA)/test; status=$$?; \
+	  kill -INT $$serve; wait $$serve; exit $$status
+
+# The language-model path: stdlib corpus -> tiny GPT (DeepSpeed ZeRO-2, 2 workers) -> batch
+# generation -> OpenAI-compatible endpoint queried with the official client (~6 minutes).
+demo-lm: install
+	$(KILN) data example python-stdlib $(LM_DATA) --overwrite
+	$(KILN) train jobs/configs/tiny-gpt.yaml
+	$(KILN) models promote tiny-gpt@latest production
+	$(KILN) score tiny-gpt@production --input $(LM_DATA)/prompts.parquet --output out/gen \
+	  --task generate --max-tokens 64 --overwrite
+	$(BIN)/python jobs/demo_check.py generations out/gen 3
+	$(KILN) serve tiny-gpt@production --port $(DEMO_PORT) & serve=$$!; \
+	  $(BIN)/python jobs/demo_check.py completions $(DEMO_PORT) tiny-gpt; status=$$?; \
 	  kill -INT $$serve; wait $$serve; exit $$status
 
 lint: install
