@@ -1,6 +1,7 @@
 """Pure pieces of training: DeepSpeed config, LR schedule, exact metrics, model factory."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -128,3 +129,18 @@ def test_user_factory_is_called_with_spec_and_schema() -> None:
     model = build_model(spec.model, SCHEMA)
     assert model(torch.randn(2, 5)).shape == (2, 3)
     assert model.width == 7
+
+
+def test_fused_optimizer_build_gets_an_arch_list_deepspeed_parses(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """CUDA images set TORCH_CUDA_ARCH_LIST=9.0a on Hopper; DeepSpeed 0.19's JIT build cannot
+    parse `9.0a` (seen on an H200), so kiln builds those entries as plain `9.0`."""
+    from kiln.train.engine import _pin_cuda_arch
+
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0a;10.0a 9.0")
+    _pin_cuda_arch()
+    assert os.environ["TORCH_CUDA_ARCH_LIST"] == "9.0;10.0"
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+    _pin_cuda_arch()
+    assert os.environ["TORCH_CUDA_ARCH_LIST"] == "8.0;9.0+PTX"

@@ -3,7 +3,10 @@ and a consolidated fp32 state dict from any ZeRO stage."""
 
 from __future__ import annotations
 
+import logging
 import math
+import os
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -11,6 +14,8 @@ import torch
 from torch import nn
 
 from kiln.config.spec import TrainSpec
+
+logger = logging.getLogger(__name__)
 
 
 def deepspeed_config(train: TrainSpec) -> dict[str, Any]:
@@ -62,6 +67,8 @@ def build_engine(model: nn.Module, train: TrainSpec, total_steps: int) -> Any:
     import deepspeed
 
     config = deepspeed_config(train)
+    if "optimizer" in config:
+        _pin_cuda_arch()
     schedule = warmup_cosine(train.warmup_steps, total_steps)
     optimizer = None
     if "optimizer" not in config:
@@ -76,6 +83,31 @@ def build_engine(model: nn.Module, train: TrainSpec, total_steps: int) -> Any:
         config=config,
     )
     return engine
+
+
+def _pin_cuda_arch() -> None:
+    """Give DeepSpeed's fused-kernel JIT build an architecture list it can parse.
+
+    DeepSpeed 0.19 reads TORCH_CUDA_ARCH_LIST as plain `major.minor[+PTX]` numbers: an
+    architecture-specific entry such as `9.0a` (which CUDA 12/13 images set for Hopper) fails
+    the build with `invalid literal for int()` (seen on an H200). Such entries are built as
+    `9.0`; without the variable, the build targets this machine's GPU.
+    """
+    current = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
+    if current:
+        entries = [e for e in current.replace(" ", ";").split(";") if e]
+        plain = [re.sub(r"^(\d+\.\d+)[a-z]+", r"\1", e) for e in entries]
+        if plain != entries:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(dict.fromkeys(plain))
+            logger.warning(
+                "TORCH_CUDA_ARCH_LIST=%s has entries DeepSpeed cannot build; using %s",
+                current,
+                os.environ["TORCH_CUDA_ARCH_LIST"],
+            )
+        return
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"
 
 
 def full_state_dict(engine: Any) -> dict[str, torch.Tensor]:
