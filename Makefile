@@ -9,7 +9,7 @@ DEMO_DATA ?= data/digits
 DEMO_PORT ?= 8000
 LM_DATA ?= data/pystdlib
 
-.PHONY: install demo demo-lm test test-fast lint format bench bench-tune clean
+.PHONY: install demo demo-lm test test-fast lint format bench bench-tune bench-lm clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -66,6 +66,11 @@ bench: install
 
 bench-tune: install
 	$(BIN)/python benchmarks/tune.py
+
+# Language-model training tokens/s (kiln vs torchrun) and generation tokens/s (endpoint vs
+# in-process), ~5 minutes; see benchmarks/README.md.
+bench-lm: install
+	$(BIN)/python benchmarks/lm.py
 
 clean:
 	rm -rf .kiln data/digits out .pytest_cache .mypy_cache .ruff_cache

@@ -52,6 +52,7 @@ class LMServer:
         self.predictor = LMPredictor(registry, ref, device=device)
         self.ref = self.predictor.ref
         self._tags = {"model": served_name, "version": self.ref.rsplit(":", 1)[1]}
+        self._generating = threading.Lock()
         self._tokens = metrics.Counter(
             "kiln_generated_tokens",
             description="Tokens generated (completion tokens).",
@@ -62,15 +63,22 @@ class LMServer:
         """The whole completion: `{"text", "prompt_tokens", "completion_tokens",
         "finish_reason"}`, or `{"error", ...}`. Cancelling the call stops the generation."""
         last: dict[str, Any] = {}
-        async for item in self.stream(request):
+        # Only the result crosses to the event loop: a hand-off per token cost ~20% here.
+        async for item in self.stream(request, deltas=False):
             last = item
         return last.get("done", last)
 
-    async def stream(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """`{"delta": text}` pieces, then `{"done": completion}`; or one `{"error", ...}`.
+    async def stream(
+        self, request: dict[str, Any], deltas: bool = True
+    ) -> AsyncIterator[dict[str, Any]]:
+        """`{"delta": text}` pieces (unless `deltas` is false), then `{"done": completion}`;
+        or one `{"error", ...}`.
 
         One thread generates the whole request (torch's inference mode is per thread) and hands
-        pieces to the event loop; closing this generator stops it at the next token.
+        pieces to the event loop; closing this generator stops it at the next token. A replica
+        generates one request at a time: concurrent generations in threads contend for the
+        GIL and together ran 2.5x slower than one after another (benchmarks/lm.py); more
+        throughput comes from more replicas (autoscaling).
         """
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
@@ -82,11 +90,12 @@ class LMServer:
 
         def produce() -> None:
             try:
-                with closing(self._pieces(request)) as pieces:
+                with self._generating, closing(self._pieces(request)) as pieces:
                     for piece in pieces:
                         if stop.is_set():
                             return
-                        put(piece)
+                        if deltas or "delta" not in piece:
+                            put(piece)
             except DataError as exc:
                 put(refusal(exc, request))
             except BaseException as exc:  # re-raised in the caller's task
