@@ -14,6 +14,7 @@ import os
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -152,57 +153,57 @@ def evaluate(
     """
     engine.eval()
     if spec.data.task == "language_modeling":
-        return _evaluate_lm(engine, shard, device)
-    schema = config["input_schema"]
-    if spec.data.task == "classification":
-        meter: Any = ClassificationMeter(int(schema["num_classes"]))
-        loss_fn: Any = torch.nn.CrossEntropyLoss(reduction="sum")
-    else:
-        meter = RegressionMeter(**config.get("label_scale", {}))
-        loss_fn = torch.nn.MSELoss(reduction="sum")
-    batches = iter(shard.iter_torch_batches(batch_size=4096, device=device, prefetch_batches=2))
-    last = None
-    with torch.no_grad():
-        while True:
-            batch = next(batches, None)
-            if not _any_rank(batch is not None, device):
-                break
-            if batch is None:
-                if last is not None:
-                    _forward(engine, last, dtype)
-                continue
-            output = _forward(engine, batch, dtype).float()
-            meter.update(output, batch["y"], loss_fn(output, batch["y"]).item())
-            last = batch
-    state = meter.state.to(device)
-    if dist.is_initialized():
-        dist.all_reduce(state)
-    meter.state = state.cpu()
-    return {f"val_{name}": value for name, value in meter.compute().items()}
+        meter: Any = LanguageModelMeter()
 
-
-def _evaluate_lm(engine: Any, shard: Any, device: Any) -> dict[str, float]:
-    """Validation loss per token and perplexity, reduced exactly; ranks in lock-step as above."""
-    meter = LanguageModelMeter()
-    batches = iter(shard.iter_torch_batches(batch_size=64, device=device, prefetch_batches=2))
-    last = None
-    with torch.no_grad():
-        while True:
-            batch = next(batches, None)
-            if not _any_rank(batch is not None, device):
-                break
-            if batch is None:
-                if last is not None:
-                    token_loss(engine, last)
-                continue
+        def measure_tokens(batch: dict[str, torch.Tensor]) -> None:
             loss, count = token_loss(engine, batch, reduction="sum")
             meter.update(loss.item(), count)
-            last = batch
+
+        _lockstep(shard, 64, device, measure_tokens, lambda batch: token_loss(engine, batch))
+    else:
+        if spec.data.task == "classification":
+            meter = ClassificationMeter(int(config["input_schema"]["num_classes"]))
+            loss_fn: Any = torch.nn.CrossEntropyLoss(reduction="sum")
+        else:
+            meter = RegressionMeter(**config.get("label_scale", {}))
+            loss_fn = torch.nn.MSELoss(reduction="sum")
+
+        def measure_rows(batch: dict[str, torch.Tensor]) -> None:
+            output = _forward(engine, batch, dtype).float()
+            meter.update(output, batch["y"], loss_fn(output, batch["y"]).item())
+
+        _lockstep(shard, 4096, device, measure_rows, lambda batch: _forward(engine, batch, dtype))
     state = meter.state.to(device)
     if dist.is_initialized():
         dist.all_reduce(state)
     meter.state = state.cpu()
     return {f"val_{name}": value for name, value in meter.compute().items()}
+
+
+def _lockstep(
+    shard: Any,
+    batch_size: int,
+    device: Any,
+    measure: Callable[[dict[str, torch.Tensor]], None],
+    throwaway: Callable[[dict[str, torch.Tensor]], Any],
+) -> None:
+    """`measure` each of this rank's batches in lock-step with the other ranks; a rank that has
+    run out calls `throwaway` on its last batch until every rank is done."""
+    batches = iter(
+        shard.iter_torch_batches(batch_size=batch_size, device=device, prefetch_batches=2)
+    )
+    last = None
+    with torch.no_grad():
+        while True:
+            batch = next(batches, None)
+            if not _any_rank(batch is not None, device):
+                break
+            if batch is None:
+                if last is not None:
+                    throwaway(last)
+                continue
+            measure(batch)
+            last = batch
 
 
 def _lm_extras(engine: Any, config: dict[str, Any], spec: JobSpec, rank: int) -> dict[str, Any]:
