@@ -68,6 +68,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from _watch import Watch, raylets
 from kiln.config.spec import JobSpec
 
 logger = logging.getLogger("kiln.bench")
@@ -340,46 +341,6 @@ def _reference_worker(spec_json: str, out: str) -> None:
     result = reference_train(JobSpec.model_validate_json(spec_json))
     if dist.get_rank() == 0:
         Path(out).write_text(json.dumps(result))
-
-
-def raylets() -> set[int]:
-    found = subprocess.run(["pgrep", "-f", "raylet/raylet"], capture_output=True, text=True)
-    return {int(pid) for pid in found.stdout.split()}
-
-
-class Watch(threading.Thread):
-    """Polls for raylets that are not this benchmark's (another Ray on the same cores) and tags
-    each measured phase that overlapped one, so noisy figures are marked."""
-
-    def __init__(self) -> None:
-        super().__init__(daemon=True)
-        self.ours: set[int] = set()
-        self.sightings: list[float] = []
-        self.phases: dict[str, tuple[float, float]] = {}
-        self._halt = threading.Event()
-
-    def run(self) -> None:
-        while not self._halt.wait(2.0):
-            if raylets() - self.ours:
-                self.sightings.append(time.monotonic())
-
-    def stop(self) -> None:
-        self._halt.set()
-
-    @contextlib.contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        start = time.monotonic()
-        try:
-            yield
-        finally:
-            self.phases[name] = (start, time.monotonic())
-
-    def noisy(self) -> list[str]:
-        return [
-            name
-            for name, (start, end) in self.phases.items()
-            if any(start <= t <= end for t in self.sightings)
-        ]
 
 
 @contextlib.contextmanager

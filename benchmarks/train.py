@@ -34,7 +34,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,6 +42,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
+from _watch import Watch, raylets
 from kiln.config.spec import JobSpec
 from kiln.data.preprocess import Preprocessor, fit_preprocessor, merge_stats, partial_stats
 from kiln.data.source import check_data
@@ -334,46 +334,6 @@ def run_torchrun(spec: JobSpec, pre: Preprocessor, workdir: Path) -> dict[str, A
     result: dict[str, Any] = json.loads(out.read_text())
     result["wall_s"] = time.perf_counter() - started
     return result
-
-
-def raylets() -> set[int]:
-    found = subprocess.run(["pgrep", "-f", "raylet/raylet"], capture_output=True, text=True)
-    return {int(pid) for pid in found.stdout.split()}
-
-
-class Watch(threading.Thread):
-    """Polls for raylets that are not this benchmark's (another user's Ray on the same cores)
-    and tags each measured phase that overlapped one, so noisy figures are marked."""
-
-    def __init__(self) -> None:
-        super().__init__(daemon=True)
-        self.ours: set[int] = set()
-        self.sightings: list[float] = []
-        self.phases: dict[str, tuple[float, float]] = {}
-        self._halt = threading.Event()
-
-    def run(self) -> None:
-        while not self._halt.wait(2.0):
-            if raylets() - self.ours:
-                self.sightings.append(time.monotonic())
-
-    def stop(self) -> None:
-        self._halt.set()
-
-    @contextlib.contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        start = time.monotonic()
-        try:
-            yield
-        finally:
-            self.phases[name] = (start, time.monotonic())
-
-    def noisy(self) -> list[str]:
-        return [
-            name
-            for name, (start, end) in self.phases.items()
-            if any(start <= t <= end for t in self.sightings)
-        ]
 
 
 def pyarrow_read(files: list[str], columns: list[str], label: str, repeats: int) -> dict[str, Any]:
