@@ -1,5 +1,6 @@
 # kiln: `make demo` runs the whole lifecycle on a local Ray (data, train, an ASHA sweep whose
-# best model is registered and promoted, score, serve); `make test` runs every test.
+# best model is registered and promoted, score, the tracked runs and a report, serve, drift);
+# `make test` runs every test.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -29,8 +30,11 @@ demo: install
 	$(KILN) models list digits-mlp
 	$(KILN) score digits-mlp@production --input $(DEMO_DATA)/test --output out/scores --overwrite
 	$(BIN)/python jobs/demo_check.py accuracy out/scores $(DEMO_DATA)/test
+	$(KILN) runs list
+	$(KILN) report latest --kind tune --output out/report.html
 	$(KILN) serve digits-mlp@production --port $(DEMO_PORT) & serve=$$!; \
-	  $(BIN)/python jobs/demo_check.py requests $(DEMO_PORT) $(DEMO_DATA)/test; status=$$?; \
+	  $(BIN)/python jobs/demo_check.py requests $(DEMO_PORT) $(DEMO_DATA)/test \
+	  && $(KILN) monitor digits-mlp --url http://127.0.0.1:$(DEMO_PORT); status=$$?; \
 	  kill -INT $$serve; wait $$serve; exit $$status
 
 # The language-model path: stdlib corpus -> tiny GPT (DeepSpeed ZeRO-2, 2 workers) -> batch

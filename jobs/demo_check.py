@@ -51,7 +51,8 @@ def _wait_ready(base: str) -> bool:
 
 
 def requests(port: str, data: str) -> int:
-    """Wait for the endpoint, then send three test rows through the OIP and :predict routes."""
+    """Wait for the endpoint, send three test rows through the OIP and :predict routes, then
+    the whole test split through :predict."""
     base = f"http://127.0.0.1:{port}"
     if not _wait_ready(base):
         return 1
@@ -74,6 +75,12 @@ def requests(port: str, data: str) -> int:
     oip = _post(f"{base}/v2/models/digits-mlp/infer", infer)
     prediction = next(out for out in oip["outputs"] if out["name"] == "prediction")
     print("POST /v2/models/digits-mlp/infer -> prediction", prediction["data"], "labels", labels)
+    # The whole test split, 60 rows a request: live traffic for `kiln monitor` to compare with
+    # the training profile.
+    test = pq.read_table(sorted(Path(data).glob("*.parquet"))).drop(["label"]).to_pylist()
+    for start in range(0, len(test), 60):
+        _post(f"{base}/v1/models/digits-mlp:predict", {"instances": test[start : start + 60]})
+    print(f"POST /v1/models/digits-mlp:predict x{-(-len(test) // 60)}: {len(test)} test rows")
     return 0
 
 

@@ -51,6 +51,17 @@ def ray_session() -> Iterator[None]:
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+@pytest.fixture(autouse=True)
+def tracking_store(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> str:
+    """Each test's runs are tracked in its own MLflow store (exported as $MLFLOW_TRACKING_URI,
+    so `kiln` subprocesses use it too), never in the checkout's ./.kiln/mlflow.db."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """scikit-learn's digits as sharded Parquet (train/ and test/), written once per session."""

@@ -11,11 +11,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+
+from kiln.tracking.tensorboard import read_scalars
 
 REPO = Path(__file__).resolve().parents[2]
 KILN = [str(Path(sys.executable).parent / "kiln")]
@@ -50,6 +53,35 @@ def assert_user_error(result: subprocess.CompletedProcess[str], pattern: str) ->
     assert len(errors) == 1, result.stderr[-2000:]
     assert re.search(pattern, errors[0]), errors[0]
     assert "Traceback" not in result.stderr
+
+
+def check_tracked_train_run(
+    workdir: Path, *, epochs: int, model: str, best: dict[str, float] | None = None
+) -> dict[str, Any]:
+    """`kiln runs list`/`show` find the one train run: FINISHED, every epoch's metrics with the
+    epoch as step, the registered version as `kiln.model`, the report among its artefacts."""
+    listing = kiln("runs", "list", "--kind", "train", cwd=workdir)
+    assert listing.returncode == 0, listing.stderr[-2000:]
+    header, *rows = listing.stdout.splitlines()
+    columns = ["id", "kind", "name", "status", "started", "duration", "metric", "model"]
+    assert header.split() == columns
+    assert len(rows) == 1, listing.stdout
+    run_id, kind, name, status = rows[0].split()[:4]
+    assert (kind, name, status, rows[0].split()[-1]) == ("train", "digits-mlp", "FINISHED", model)
+    shown = kiln("runs", "show", run_id, "--json", cwd=workdir)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    run = json.loads(shown.stdout)
+    assert run["tags"]["kiln.model"] == model and run["status"] == "FINISHED"
+    for metric in ("train_loss", "val_loss", "val_accuracy"):
+        assert [step for step, _ in run["metrics"][metric]] == list(range(1, epochs + 1))
+    assert run["params"]["train.epochs"] == str(epochs)
+    if best is not None:
+        tracked = run["metrics"]["best_val_accuracy"][-1][1]
+        assert round(tracked, 4) == best["val_accuracy"]
+    assert "report.html" in run["artifacts"], run["artifacts"]
+    text = kiln("runs", "show", run_id[:6], cwd=workdir).stdout
+    assert f"model: {model}" in text and re.search(rf"^  {epochs}\s+[\d.]+", text, re.MULTILINE)
+    return run
 
 
 def _copy_digits(workdir: Path, name: str) -> Path:
@@ -101,13 +133,24 @@ def test_validate_and_schema(workdir: Path) -> None:
 @pytest.mark.slow
 def test_train_register_promote_verify(workdir: Path) -> None:
     result = kiln(
-        "train", "spec.yaml", "train.epochs=4", "train.deepspeed.zero_stage=3", cwd=workdir
+        "train",
+        "spec.yaml",
+        "train.epochs=4",
+        "train.deepspeed.zero_stage=3",
+        "tracking.tensorboard=true",
+        cwd=workdir,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "registered digits-mlp:1" in result.stdout
     metrics = json.loads(result.stdout.split("metrics: ", 1)[1].splitlines()[0])
     assert metrics["val_accuracy"] >= 0.9
-    assert re.search(r"epoch \d+ step \d+ loss [\d.]+ lr [\d.e+-]+ samples/s \d+", result.stderr)
+    step_line = r"epoch \d/4 step (\d+)/(\d+) loss [\d.]+ lr [\d.e+-]+ samples/s \d+ eta \d+:\d\d"
+    steps = [(int(a), int(b)) for a, b in re.findall(step_line, result.stderr)]
+    assert steps and all(done <= total == steps[0][1] for done, total in steps), result.stderr
+    run = check_tracked_train_run(workdir, epochs=4, model="digits-mlp:1", best=metrics)
+    scalars = read_scalars(Path(run["tags"]["kiln.run_dir"]) / "tensorboard")
+    assert [step for step, _ in scalars["val_accuracy"]] == [1, 2, 3, 4]
+    assert scalars["val_accuracy"][-1][1] == pytest.approx(run["metrics"]["val_accuracy"][-1][1])
 
     listing = kiln("models", "list", cwd=workdir)
     assert "digits-mlp:1" in listing.stdout and "latest" in listing.stdout
@@ -161,3 +204,5 @@ def test_interrupted_run_resumes(workdir: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     assert re.search(r"resumed from checkpoint after epoch [1-5]", result.stderr)
     assert "registered digits-mlp:1" in result.stdout
+    # the resumed training continued the interrupted run's tracked run: one run, every epoch
+    check_tracked_train_run(workdir, epochs=6, model="digits-mlp:1")

@@ -65,6 +65,10 @@ def test_score_writes_one_row_per_input_row_and_a_summary(project: Path) -> None
     summary = r"^scored 360 rows \(0 quarantined\) in [\d.]+ s \([\d,]+ rows/s\) with digits:1"
     assert re.search(summary + r" -> out/scores$", result.stdout.strip()), result.stdout
     assert "scoring 4 parquet files (360 rows) with digits:1" in result.stderr
+    # one progress display, as piped output shows it: kiln's summary line, no Ray Data bars
+    done = r"^\[kiln\] scoring: done, 360/360 rows in \d+:\d\d \([\d.,]+ rows/s\)$"
+    assert re.search(done, result.stderr, re.MULTILINE), result.stderr[-3000:]
+    assert "Progress bars" not in result.stderr and "\x1b[" not in result.stderr
 
     out = project / "out" / "scores"
     table = pq.read_table(out)
@@ -76,6 +80,17 @@ def test_score_writes_one_row_per_input_row_and_a_summary(project: Path) -> None
     again = kiln("score", "digits:1", "--input", "data/digits/test", "--output", "out/scores",
                  cwd=project)  # fmt: skip
     assert re.search(r"out/scores already exists and is not empty", _one_error_line(again))
+
+    # both attempts are tracked runs: the scoring with its counts, the refused one FAILED
+    listed = kiln("runs", "list", "--kind", "score", "--json", cwd=project)
+    refused, scored = json.loads(listed.stdout)
+    assert scored["status"] == "FINISHED" and scored["model"] == "digits:1"
+    assert scored["name"] == "out/scores"
+    assert scored["last_metrics"]["rows_in"] == scored["last_metrics"]["rows_out"] == 360
+    assert scored["last_metrics"]["rows_per_s"] > 0
+    assert refused["status"] == "FAILED"
+    shown = json.loads(kiln("runs", "show", refused["run_id"], "--json", cwd=project).stdout)
+    assert "already exists" in shown["tags"]["kiln.error"]
 
 
 def test_bad_row_fails_with_file_and_row_and_no_output(project: Path, ray_session: None) -> None:

@@ -3,6 +3,7 @@ sweep whose driver is killed mid-run resumed with every finished trial kept."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -100,9 +101,26 @@ def test_killed_sweep_resumes_keeping_finished_trials(workdir: Path) -> None:
     rows = {row["trial"]: row for row in pq.read_table(sweep / "results.parquet").to_pylist()}
     assert len(rows) == 3
     assert all(row["status"] == "completed" and row["epochs"] == 2 for row in rows.values())
+    # progress, as piped output shows it: every trial counted, the one finished earlier too
+    done = r"^\[kiln\] tuning: done, 3/3 trials in \d+:\d\d \([\d.,]+ trials/(s|min)\)$"
+    assert re.search(done, resumed.stderr, re.MULTILINE), resumed.stderr[-3000:]
     # the trial that finished before the kill was kept, not trained again, with its metric
     assert sorted(p.name for p in kept.glob("checkpoint_*")) == checkpoints
     assert f"{rows[finished]['val_accuracy']:.4g}" == shown
+
+    # tracking: the resumed sweep finished its own run, one trial run per trial under it
+    listed = kiln("runs", "list", "--kind", "tune", "--json", cwd=workdir)
+    (sweep_run,) = json.loads(listed.stdout)
+    assert sweep_run["status"] == "FINISHED" and sweep_run["model"] == "digits-mlp:1"
+    shown = json.loads(kiln("runs", "show", sweep_run["run_id"], "--json", cwd=workdir).stdout)
+    trials = {child["name"]: child for child in shown["children"]}
+    assert sorted(trials) == sorted(rows)
+    assert all(child["status"] == "FINISHED" for child in trials.values())
+    best = max(rows.values(), key=lambda row: row["val_accuracy"])
+    assert shown["tags"]["kiln.best_trial"] == best["trial"]
+    assert trials[finished]["last_metrics"]["val_accuracy"] == pytest.approx(
+        rows[finished]["val_accuracy"]
+    )
 
 
 def _wait_for_finished_trial(

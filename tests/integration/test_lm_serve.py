@@ -286,9 +286,9 @@ def test_metrics_per_route_and_generated_tokens(client: openai.OpenAI) -> None:
     client.chat.completions.create(model="tiny-lm", messages=MESSAGES, max_tokens=2)
     port = ray._private.worker.global_worker.node.metrics_export_port
     wanted = [
-        r'ray_kiln_requests_total\{[^}]*model="tiny-lm"[^}]*route="completions"[^}]*status="200"',
-        r'ray_kiln_requests_total\{[^}]*route="chat"[^}]*status="200"[^}]*version="1"',
-        r'ray_kiln_request_errors_total\{[^}]*route="completions"[^}]*status="400"',
+        r'ray_kiln_requests_total\{[^}]*code="200"[^}]*model="tiny-lm"[^}]*route="completions"',
+        r'ray_kiln_requests_total\{[^}]*code="200"[^}]*route="chat"[^}]*version="1"',
+        r'ray_kiln_request_errors_total\{[^}]*code="400"[^}]*route="completions"',
         r'ray_kiln_generated_tokens_total\{[^}]*model="tiny-lm"',
     ]
     deadline, text = time.monotonic() + 30, ""

@@ -427,8 +427,8 @@ def test_metrics_per_model_and_version(server: str) -> None:
 
     port = ray._private.worker.global_worker.node.metrics_export_port
     wanted = [
-        r'ray_kiln_requests_total\{[^}]*model="digits"[^}]*status="200"[^}]*version="2"',
-        r'ray_kiln_request_errors_total\{[^}]*status="400"',
+        r'ray_kiln_requests_total\{[^}]*code="200"[^}]*model="digits"[^}]*version="2"',
+        r'ray_kiln_request_errors_total\{[^}]*code="400"',
         r'ray_kiln_request_latency_ms_bucket\{[^}]*model="digits"',
         r'ray_kiln_batch_size_count\{[^}]*model="digits"',
         r"ray_serve_num_http_requests_total",

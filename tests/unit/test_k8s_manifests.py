@@ -259,11 +259,16 @@ def test_ray_ports_are_closed_to_all_but_the_clusters_own_pods(overlay: Any) -> 
             for rule in rules:
                 ports = {p["port"] for p in rule.get("ports", [])}
                 peers = rule["from"]
-                if ports:  # a port-limited rule: the operator's dashboard calls, or Serve
-                    assert ports in ({8265}, {render.SERVE_PORT}), where
+                if ports:  # a port-limited rule: the operator's dashboard calls, Serve, metrics
+                    assert ports in ({8265}, {render.SERVE_PORT}, {render.METRICS_PORT}), where
                     if ports == {render.SERVE_PORT}:
                         assert doc["kind"] == "RayService", where
                         assert all("namespaceSelector" in peer for peer in peers)
+                    elif ports == {render.METRICS_PORT}:  # Prometheus, from one namespace
+                        (peer,) = peers
+                        namespace = peer["namespaceSelector"]["matchLabels"]
+                        assert namespace == {"kubernetes.io/metadata.name": "monitoring"}, where
+                        assert peer["podSelector"]["matchLabels"], where
                     else:
                         operator = peers[0]["podSelector"]["matchLabels"]
                         assert operator == {"app.kubernetes.io/name": "kuberay-operator"}

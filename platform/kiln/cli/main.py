@@ -64,6 +64,18 @@ def build_parser() -> argparse.ArgumentParser:
     from kiln.cli import jobs_cmd
 
     jobs_cmd.add_commands(commands)
+    from kiln.cli import retrain_cmd
+
+    retrain_cmd.add_commands(commands)
+    from kiln.cli import monitor_cmd
+
+    monitor_cmd.add_commands(commands)
+    from kiln.cli import runs_cmd
+
+    runs_cmd.add_commands(commands)
+    from kiln.cli import report_cmd
+
+    report_cmd.add_commands(commands)
     return parser
 
 

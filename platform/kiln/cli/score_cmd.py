@@ -7,6 +7,7 @@ import argparse
 from typing import Any
 
 from kiln.cli.main import add_registry_flag
+from kiln.cli.runs_cmd import add_tracking_flags
 
 
 def add_commands(commands: Any) -> None:
@@ -76,6 +77,7 @@ def add_commands(commands: Any) -> None:
     )
     _add_generation_flags(score)
     add_registry_flag(score)
+    add_tracking_flags(score)
     score.set_defaults(handler=_score)
 
 
@@ -149,9 +151,11 @@ def _generate_options(args: argparse.Namespace) -> Any:
 
 def _score(args: argparse.Namespace) -> int:
     from kiln.inference.batch import score
+    from kiln.tracking.jobs import finish_score
 
     generate = _generate_options(args)
     batch_size = args.batch_size or (16 if generate else 1024)
+    tracker = _tracker(args, batch_size)
     try:
         summary = score(
             args.ref,
@@ -170,8 +174,12 @@ def _score(args: argparse.Namespace) -> int:
             task=args.task,
             generate=generate,
         )
+    except BaseException as exc:
+        tracker.fail(exc)
+        raise
     finally:
         _shutdown_ray()
+    finish_score(tracker, summary)
     if generate:
         print(
             f"generated completions for {summary.rows_out} of {summary.rows_in} prompts "
@@ -188,7 +196,29 @@ def _score(args: argparse.Namespace) -> int:
     )
     if summary.rows_quarantined:
         print(f"quarantined rows, with the reason for each: {summary.output}/_errors/")
+    if summary.drift:
+        verdict = summary.drift["verdict"]
+        print(f"input drift: {verdict} (per feature: {summary.output}/_drift.json)")
     return 0
+
+
+def _tracker(args: argparse.Namespace, batch_size: int) -> Any:
+    """The tracked `score` run (`Tracker.off()` with --no-tracking)."""
+    from kiln.config.spec import TrackingSpec
+    from kiln.tracking.jobs import score_tracker
+
+    settings = TrackingSpec(enabled=not args.no_tracking, uri=args.tracking_uri)
+    params = {
+        "input": args.input,
+        "format": args.format,
+        "task": args.task,
+        "batch_size": batch_size,
+        "concurrency": ":".join(map(str, args.concurrency)),
+        "on_error": args.on_error,
+        "key": args.key,
+        "registry": args.registry,
+    }
+    return score_tracker(settings, ref=args.ref, output=args.output, params=params)
 
 
 def _shutdown_ray() -> None:

@@ -40,6 +40,7 @@ SHARED_DIR = "/mnt/kiln"
 AUTH_SECRET, AUTH_KEY = "kiln-ray-auth", "auth_token"
 API_TOKEN_SECRET, API_TOKEN_KEY = "kiln-api-token", "token"
 SERVE_PORT = 8000
+METRICS_PORT = 8080  # Ray's Prometheus export port on every pod (docs/metrics.md)
 GIB = 1024**3
 MEMORY_PER_CPU = 4 * GIB
 """Pod memory per CPU when the spec gives no `memory` resource."""
@@ -336,11 +337,16 @@ def _add_api_token(cluster: dict[str, Any], spec: Any) -> None:
 
 def network_policy(name: str, options: RenderOptions) -> dict[str, Any]:
     """Ray's ports open only to the pods of this cluster (and its job submitter), plus the
-    dashboard port to the KubeRay operator, which polls jobs and deploys Serve configs."""
+    dashboard port to the KubeRay operator, which polls jobs and deploys Serve configs, and the
+    metrics port to Prometheus in the `monitoring` namespace (docs/metrics.md)."""
     policy = _meta("NetworkPolicy", "networking.k8s.io/v1", f"{name}-ray", name, options)
     operator = {
         "namespaceSelector": {},
         "podSelector": {"matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}},
+    }
+    prometheus = {
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+        "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
     }
     policy["spec"] = {
         "podSelector": {"matchLabels": _instance(name)},
@@ -348,6 +354,7 @@ def network_policy(name: str, options: RenderOptions) -> dict[str, Any]:
         "ingress": [
             {"from": [{"podSelector": {"matchLabels": _instance(name)}}]},
             {"from": [operator], "ports": [{"protocol": "TCP", "port": 8265}]},
+            {"from": [prometheus], "ports": [{"protocol": "TCP", "port": METRICS_PORT}]},
         ],
     }
     return policy
@@ -405,7 +412,7 @@ def _head_group(
     *,
     serve: bool = False,
 ) -> dict[str, Any]:
-    ports = {"gcs-server": 6379, "dashboard": 8265, "client": 10001, "metrics": 8080}
+    ports = {"gcs-server": 6379, "dashboard": 8265, "client": 10001, "metrics": METRICS_PORT}
     if serve:
         ports["serve"] = SERVE_PORT
     container = _ray_container("ray-head", image, shape, config_map)

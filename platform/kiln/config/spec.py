@@ -413,6 +413,52 @@ class ScoreSpec(_Spec):
         return self
 
 
+class RetrainSpec(_Spec):
+    """`kiln retrain`: fine-tune a registered model on new data, then promote the new version
+    only if it scores no worse on held-out data than the version it started from."""
+
+    freeze: list[str] = Field(default_factory=list)
+    """Parameter-name prefixes kept frozen at the registered weights (`blocks.0` freezes
+    `blocks.0.0.weight` and `blocks.0.0.bias`; matched at dots). A prefix matching no parameter
+    is an error that lists the model's parameters."""
+    margin: float = Field(default=0.0, ge=0.0)
+    """How much worse than the old version the new one may score on `holdout` and still be
+    promoted, in the units of the spec's metric (`train.metric`): absolute, not relative."""
+    promote_to: str = Field(default="production", pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
+    """The alias that moves to the new version when it passes the gate."""
+    holdout: str | None = None
+    """Held-out data (same format, features and label) both versions are scored on. Default:
+    `data.validation`, the spec's own validation files, which `--data` does not replace."""
+
+    @field_validator("freeze")
+    @classmethod
+    def _plain_prefixes(cls, value: list[str]) -> list[str]:
+        for prefix in value:
+            if not prefix or prefix.startswith(".") or prefix.endswith("."):
+                raise ValueError(f"freeze prefix {prefix!r}: a dotted parameter-name prefix")
+        return value
+
+
+class TrackingSpec(_Spec):
+    """Where runs are recorded (MLflow), and what the end of a run writes beside them."""
+
+    enabled: bool = True
+    """Record the run (params, per-epoch metrics, status, the registered model as a tag and
+    the report as artefacts) in the tracking store; `false` writes nothing."""
+    uri: str | None = None
+    """MLflow tracking URI. Default: `$MLFLOW_TRACKING_URI`, else `sqlite:///` on
+    `./.kiln/mlflow.db` with artefacts under `./.kiln/mlartifacts` (an sqlite store keeps its
+    artefacts in `mlartifacts` beside the database file)."""
+    experiment: str | None = None
+    """MLflow experiment the runs go to. Default: the job's `name`."""
+    tensorboard: bool = False
+    """Also write TensorBoard event files (per-epoch scalars, step = epoch) under
+    `<run dir>/tensorboard`; a sweep writes one per trial, in each trial's run directory."""
+    report: bool = True
+    """Write the HTML report (and its PNGs) at the end of `kiln train`/`kiln tune`, under
+    `<run dir>/report`, and log them as the run's artefacts; a report that fails only warns."""
+
+
 class JobSpec(_Spec):
     """A kiln job: data, model, training and where the result is registered."""
 
@@ -427,6 +473,11 @@ class JobSpec(_Spec):
     """A hyperparameter sweep for `kiln tune`; `kiln train` ignores it."""
     score: ScoreSpec | None = None
     """Batch scoring for `jobs/score.py` / `kiln submit --kind score`; `kiln train` ignores it."""
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    """Run tracking: MLflow store, experiment, TensorBoard files, end-of-run report."""
+    retrain: RetrainSpec | None = None
+    """Warm-start fine-tuning with a gated promotion, for `kiln retrain`; `kiln train` ignores
+    it."""
 
     @property
     def metric(self) -> str:

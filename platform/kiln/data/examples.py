@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kiln.errors import DataError
+from kiln.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -71,9 +72,10 @@ def write_digits(
     )
     names = [f"px_{i:02d}" for i in range(x.shape[1])]
     parts = {"train": (x_train, y_train), "test": (x_test, y_test)}
-    with _staging(out, overwrite) as staging:
+    progress = Progress("writing digits", total=len(y), unit="rows")
+    with progress, _staging(out, overwrite) as staging:
         counts = {
-            split: _write_array_shards(staging / split, names, features, labels, shards)
+            split: _write_array_shards(staging / split, names, features, labels, shards, progress)
             for split, (features, labels) in parts.items()
         }
     summary = _summary(out, "digits", {s: len(parts[s][1]) for s in SPLITS}, names, counts)
@@ -83,7 +85,12 @@ def write_digits(
 
 
 def _write_array_shards(
-    directory: Path, names: list[str], features: np.ndarray, labels: np.ndarray, shards: int
+    directory: Path,
+    names: list[str],
+    features: np.ndarray,
+    labels: np.ndarray,
+    shards: int,
+    progress: Progress,
 ) -> int:
     directory.mkdir(parents=True)
     pieces = np.array_split(np.arange(len(labels)), min(shards, len(labels)))
@@ -91,6 +98,7 @@ def _write_array_shards(
         columns = {name: features[rows, j] for j, name in enumerate(names)}
         table = pa.table({**columns, LABEL: labels[rows]})
         pq.write_table(table, directory / f"part-{index:05d}.parquet")
+        progress.advance(table.num_rows)
     return len(pieces)
 
 
@@ -169,7 +177,8 @@ def write_synth(
     names = _synth_names(features, categorical)
     sizes = {"train": rows - n_test, "test": n_test}
     split_shards = {"train": shards, "test": max(1, math.ceil(shards * test_fraction))}
-    with _staging(out, overwrite) as staging:
+    progress = Progress("writing synth", total=rows, unit="rows")
+    with progress, _staging(out, overwrite) as staging:
         counts = {}
         for split_id, split in enumerate(SPLITS):
             shard_rows = _even(sizes[split], min(split_shards[split], sizes[split]))
@@ -177,7 +186,7 @@ def write_synth(
                 path = staging / split / f"part-{index:05d}.parquet"
                 rng = np.random.default_rng([seed, split_id, index])
                 groups = _synth_groups(teacher, rng, count, rows_per_group, missing_fraction)
-                _write_groups(path, groups, names)
+                _write_groups(path, groups, names, progress)
             counts[split] = len(shard_rows)
     summary = _summary(out, "synth", sizes, names, counts)
     summary.update(
@@ -278,7 +287,9 @@ def _synth_label(teacher: _Teacher, rng: np.random.Generator, out: np.ndarray) -
     return (target + noise).astype(np.float32)
 
 
-def _write_groups(path: Path, groups: Iterator[list[pa.Array]], names: list[str]) -> None:
+def _write_groups(
+    path: Path, groups: Iterator[list[pa.Array]], names: list[str], progress: Progress
+) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     writer: pq.ParquetWriter | None = None
     try:
@@ -287,6 +298,7 @@ def _write_groups(path: Path, groups: Iterator[list[pa.Array]], names: list[str]
             if writer is None:
                 writer = pq.ParquetWriter(path, table.schema)
             writer.write_table(table)
+            progress.advance(table.num_rows)
     finally:
         if writer is not None:
             writer.close()
@@ -350,7 +362,8 @@ def write_python_stdlib(
     source = Path(root if root is not None else sysconfig.get_paths()["stdlib"])
     out = Path(out)
     _check_target(out, overwrite, STDLIB_SPLITS)
-    files, skipped = _read_sources(source)
+    with Progress("reading python-stdlib", unit="files") as progress:
+        files, skipped = _read_sources(source, progress)
     _require(len(files) >= 2, f"need at least 2 readable .py files under {source}")
     parts = _split_files(files, seed, validation_fraction)
     split_shards = {"train": shards, "validation": max(1, math.ceil(shards * validation_fraction))}
@@ -368,7 +381,7 @@ def write_python_stdlib(
     return summary
 
 
-def _read_sources(root: Path) -> tuple[list[_SourceFile], list[str]]:
+def _read_sources(root: Path, progress: Progress) -> tuple[list[_SourceFile], list[str]]:
     """Every `.py` file under root in path order, and the paths skipped as not UTF-8."""
     _require(root.is_dir(), f"{root} is not a directory")
     files: list[_SourceFile] = []
@@ -384,6 +397,7 @@ def _read_sources(root: Path) -> tuple[list[_SourceFile], list[str]]:
                 files.append(_SourceFile(relative, path.read_bytes().decode("utf-8")))
             except UnicodeDecodeError:
                 skipped.append(relative)
+            progress.advance()
     files.sort(key=lambda f: f.path)
     return files, sorted(skipped)
 

@@ -29,13 +29,12 @@ import json
 import logging
 import os
 import posixpath
-import threading
 import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -47,11 +46,14 @@ import pyarrow.fs as pafs
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
+from kiln import metrics as kiln_metrics
 from kiln import storage
 from kiln.data.source import FileSet, resolve_files
-from kiln.errors import DataError, KilnError
+from kiln.errors import DataError, KilnError, RegistryError
 from kiln.inference.lm import Completion, GenerationRequest, LMPredictor, is_language_model
 from kiln.inference.predictor import Predictor
+from kiln.monitor.drift import Thresholds, drift_report
+from kiln.monitor.profile import PROFILE_FILE, Binner, Profile
 from kiln.registry import Registry
 
 logger = logging.getLogger(__name__)
@@ -64,11 +66,15 @@ ON_ERROR = ("fail", "quarantine")
 
 _READS = "_reads"  # per read item: rows read (removed before the commit)
 _FAILURES = "_failures"  # the bad row that failed the job (fail mode; the staging dir is deleted)
+DRIFT = "_drift.json"
+"""Drift of the scored input against the model's training profile, beside the output."""
+_DRIFT_PARTS = "_drift_parts"  # per batch: bin counts of its scored rows (removed before commit)
 _FILE, _ROW, _ERROR = "__file", "__row", "__error"
 _ITEM_ROWS = 1 << 17  # parquet row groups are grouped into read items of about this many rows
 _READ_ROWS = 1 << 16  # rows per table a reader yields
 _TEXT_BLOCK = 4 << 20  # bytes of csv/jsonl parsed at a time
 _MAX_LINE = 64 << 20
+_PROGRESS_S = 0.5  # least seconds between an actor's progress counts
 # pyarrow's CSV null markers: read as text, a numeric column treats these as missing, exactly as
 # type inference would have.
 _NULL_TOKENS = pa.array(pacsv.ConvertOptions().null_values, type=pa.string())
@@ -150,6 +156,9 @@ class ScoreSummary:
     model: str
     """The exact model version, `name:version`."""
     output: str
+    drift: dict[str, Any] | None = None
+    """Drift of the scored rows against the training profile (`samples`, `over`, `verdict`;
+    every feature in `OUT/_drift.json`); None when the model has no profile."""
 
 
 @dataclass(frozen=True)
@@ -186,6 +195,8 @@ class _Job:
     on_error: str
     generate: GenerateOptions | None = None
     """Batch generation options; None for scoring."""
+    counter: Any = None
+    """The driver's progress counter (a `_RowCounter` actor) the scoring actors add to."""
 
     @property
     def key_name(self) -> str:
@@ -214,7 +225,7 @@ def score(
     read_cpus: float = 0.25,
     overwrite: bool = False,
     address: str | None = None,
-    progress_interval: float = 5.0,
+    progress_interval: float | None = None,
     task: str = "predict",
     generate: GenerateOptions | None = None,
 ) -> ScoreSummary:
@@ -240,8 +251,8 @@ def score(
         read_cpus: Ray CPUs per read task.
         overwrite: replace a non-empty `output`.
         address: Ray cluster address; default RAY_ADDRESS or a local Ray.
-        progress_interval: seconds between progress log lines when Ray Data's progress bars are
-            off (not a terminal).
+        progress_interval: seconds between plain progress lines when stderr is not a terminal
+            (default `$KILN_PROGRESS_INTERVAL` or 10; see `kiln.progress`).
         task: "predict" (a tabular model scores rows) or "generate" (a language model completes
             prompts).
         generate: the prompt column and sampling for `task="generate"` (default options if
@@ -286,10 +297,11 @@ def score(
         resources = {"num_cpus": num_cpus_per_actor, "num_gpus": num_gpus, "read_cpus": read_cpus}
         _run(job, batch_size, concurrency, resources, progress_interval, expected)
         rows_in, rows_out, quarantined = _reconcile(job, expected)
+        drift = _write_drift(job)
         seconds = time.monotonic() - start
         rate = round(rows_in / seconds, 1)
         summary = ScoreSummary(
-            rows_in, rows_out, quarantined, round(seconds, 3), rate, model, output
+            rows_in, rows_out, quarantined, round(seconds, 3), rate, model, output, drift=drift
         )
         _write_success(job, summary, files)
         _commit(out_fs, staging, out_path, overwrite)
@@ -665,40 +677,50 @@ def _commit(fs: pafs.FileSystem, staging: str, out_path: str, overwrite: bool) -
     _delete_dir(fs, staging)
 
 
+def _load_profile(registry: str, model: str) -> Profile | None:
+    """The model's training profile, None when it has none (registered before profiles)."""
+    registry_ = Registry(registry)
+    try:
+        return Profile.from_dict(registry_.read_document(registry_.resolve(model), PROFILE_FILE))
+    except RegistryError:
+        return None
+
+
+def _write_drift(job: _Job) -> dict[str, Any] | None:
+    """Merge the batches' bin counts into `_drift.json` in the staging directory (committed
+    with the output); returns its summary. None for generation or a model without profile."""
+    profile = None if job.generate else _load_profile(job.registry, job.model)
+    directory = storage.join(job.staging, _DRIFT_PARTS)
+    if profile is None:
+        _delete_dir(job.out_fs, directory)
+        return None
+    total = np.zeros(Binner(profile).size, dtype=np.int64)
+    for info in job.out_fs.get_file_info(pafs.FileSelector(directory, allow_not_found=True)):
+        total += np.asarray(json.loads(storage.read_bytes(job.out_fs, info.path)), np.int64)
+    _delete_dir(job.out_fs, directory)
+    thresholds = Thresholds()
+    report = drift_report(profile, total, thresholds)
+    document = {"model": job.model, "thresholds": thresholds.to_dict(), **report}
+    data = (json.dumps(document, indent=2) + "\n").encode()
+    storage.write_bytes(job.out_fs, storage.join(job.staging, DRIFT), data)
+    logger.info("input drift: %s", report["verdict"])
+    return {"file": DRIFT, **{k: report[k] for k in ("samples", "over", "verdict")}}
+
+
 def _delete_dir(fs: pafs.FileSystem, path: str) -> None:
     with suppress(OSError):
         fs.delete_dir(path)
 
 
-def _parquet_rows(fs: pafs.FileSystem, directory: str, seen: dict[str, int] | None = None) -> int:
-    """Rows in the directory's parquet files (not recursive), from their footers.
-
-    With `seen` (a progress count while files are still being written), footers that cannot be
-    read yet are skipped and counted footers are remembered.
-    """
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(directory, allow_not_found=True))
-    except OSError:
-        if seen is not None:
-            return sum(seen.values())
-        raise
+def _parquet_rows(fs: pafs.FileSystem, directory: str) -> int:
+    """Rows in the directory's parquet files (not recursive), from their footers."""
+    infos = fs.get_file_info(pafs.FileSelector(directory, allow_not_found=True))
     total = 0
     for info in infos:
         if info.type != pafs.FileType.File or not info.base_name.endswith(".parquet"):
             continue
-        if seen is not None and info.path in seen:
-            total += seen[info.path]
-            continue
-        try:
-            with fs.open_input_file(info.path) as handle:
-                rows = pq.ParquetFile(handle).metadata.num_rows
-        except (pa.ArrowException, OSError):
-            if seen is None:
-                raise
-            continue
-        if seen is not None:
-            seen[info.path] = rows
-        total += rows
+        with fs.open_input_file(info.path) as handle:
+            total += pq.ParquetFile(handle).metadata.num_rows
     return total
 
 
@@ -737,14 +759,19 @@ def _run(
     batch_size: int,
     concurrency: tuple[int, int],
     resources: dict[str, float],
-    progress_interval: float,
+    progress_interval: float | None,
     expected: int | None,
 ) -> None:
     import ray.data
 
+    from kiln.progress import Progress, ray_data_bars_off
+
     read_cpus = resources["read_cpus"]
 
-    context = ray.data.DataContext.get_current()
+    label = "generating" if job.generate else "scoring"
+    progress = Progress(label, total=expected, unit="rows", interval=progress_interval)
+    counter = _start_counter(progress, expected)
+    job = replace(job, counter=counter)
     items = [{"item": i} for i in range(len(job.items))]
     dataset: ray.data.Dataset = ray.data.from_items(items, override_num_blocks=len(items))
     reader: Any = _read_items  # a generator of tables: Ray's stubs want a function
@@ -765,18 +792,60 @@ def _run(
         num_cpus=resources["num_cpus"],
         num_gpus=resources["num_gpus"] or None,
     )
-    bars = bool(context.enable_progress_bars)
-    with _progress(job, expected, progress_interval, enabled=not bars), _quiet_data_errors():
-        try:
-            dataset.write_parquet(
-                job.staging, filesystem=job.out_fs, ray_remote_args={"num_cpus": read_cpus}
-            )
-        except Exception:
-            failure = _recorded_failure(job)
-            if failure is None:
-                raise
-            raise DataError(failure) from None
+    try:
+        with ray_data_bars_off(), progress, _quiet_data_errors():
+            try:
+                dataset.write_parquet(
+                    job.staging, filesystem=job.out_fs, ray_remote_args={"num_cpus": read_cpus}
+                )
+            except Exception:
+                failure = _recorded_failure(job)
+                if failure is None:
+                    raise
+                raise DataError(failure) from None
+            if progress.mode != "off":  # the actors' last counts may not have been sent
+                progress.update(expected if expected is not None else _rows_done(job))
+    finally:
+        if counter is not None:
+            ray.kill(counter)
     logger.debug("Ray Data stats:\n%s", dataset.stats())
+
+
+class _RowCounter:
+    """Rows the scoring actors have finished, scored or set aside: only a progress count (the
+    job's own counts come from the files it wrote)."""
+
+    def __init__(self) -> None:
+        self.rows = 0
+
+    def add(self, rows: int) -> None:
+        self.rows += rows
+
+    def total(self) -> int:
+        return self.rows
+
+
+def _rows_done(job: _Job) -> int:
+    """Rows written so far, scored or set aside (from the files' footers)."""
+    return _parquet_rows(job.out_fs, job.staging) + _parquet_rows(
+        job.out_fs, storage.join(job.staging, ERRORS)
+    )
+
+
+def _start_counter(progress: Any, expected: int | None) -> Any:
+    """A `_RowCounter` actor (no CPU) that `progress` polls; None when progress is off."""
+    import ray
+
+    if progress.mode == "off":
+        return None
+    counter: Any = ray.remote(num_cpus=0)(_RowCounter).remote()
+
+    def poll() -> int:
+        rows = int(ray.get(counter.total.remote(), timeout=10))
+        return rows if expected is None else min(rows, expected)  # retried batches count twice
+
+    progress.set_poll(poll)
+    return counter
 
 
 def _record_failure(job: _Job, name: str, message: str) -> None:
@@ -796,34 +865,6 @@ def _recorded_failure(job: _Job) -> str | None:
     for info in sorted(infos, key=lambda i: i.base_name):
         return str(json.loads(storage.read_bytes(job.out_fs, info.path))["message"])
     return None
-
-
-@contextmanager
-def _progress(job: _Job, expected: int | None, interval: float, enabled: bool) -> Iterator[None]:
-    """Log rows scored so far (counted from the files written) every `interval` seconds."""
-    stop = threading.Event()
-
-    def report() -> None:
-        start = time.monotonic()
-        seen_out: dict[str, int] = {}
-        seen_err: dict[str, int] = {}
-        while not stop.wait(interval):
-            out = _parquet_rows(job.out_fs, job.staging, seen_out)
-            bad = _parquet_rows(job.out_fs, storage.join(job.staging, ERRORS), seen_err)
-            done = out + bad
-            rate = done / (time.monotonic() - start)
-            total = "" if expected is None else f" of {expected}"
-            logger.info("scored %d rows%s (%d quarantined), %.0f rows/s", done, total, bad, rate)
-
-    thread = threading.Thread(target=report, name="kiln-score-progress", daemon=True)
-    if enabled and interval > 0:
-        thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        if thread.is_alive():
-            thread.join(timeout=interval + 5)
 
 
 class _DropErrors(logging.Filter):
@@ -1039,6 +1080,24 @@ class _RowActor:
     def __init__(self, job: _Job) -> None:
         self.job = job
         self.names = pa.array(job.names, type=pa.string())
+        tags = kiln_metrics.model_tags(job.model)
+        self._rows_metric = kiln_metrics.create("kiln_score_rows", default_tags=tags)
+        self._quarantined_metric = kiln_metrics.create(
+            "kiln_score_quarantined_rows", default_tags=tags
+        )
+        self._unsent, self._sent_at = 0, time.monotonic()  # rows not yet told to the counter
+
+    def _count(self, scored: int, quarantined: int) -> None:
+        """Add one batch to the scoring counters (Prometheus)."""
+        if scored > 0:
+            self._rows_metric.inc(scored)
+        if quarantined > 0:
+            self._quarantined_metric.inc(quarantined)
+        if self.job.counter is not None:  # the driver's progress line
+            self._unsent += scored + quarantined
+            if time.monotonic() - self._sent_at >= _PROGRESS_S:  # a call per batch costs ~2%
+                self.job.counter.add.remote(self._unsent)  # fire and forget
+                self._unsent, self._sent_at = 0, time.monotonic()
 
     def _row_problems(self, batch: pa.Table) -> dict[int, str]:
         """Rows that cannot be used (unreadable, or an empty key), with the reason."""
@@ -1100,6 +1159,8 @@ class ScoringActor(_RowActor):
         super().__init__(job)
         self.predictor = Predictor(job.registry, job.model, device=job.device)
         self.drop_missing = self.predictor.preprocessor.missing == "drop"
+        profile = _load_profile(job.registry, job.model)
+        self.binner = Binner(profile) if profile is not None else None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         reasons = self._row_problems(batch)
@@ -1111,7 +1172,20 @@ class ScoringActor(_RowActor):
         reasons.update(more)
         if reasons:
             self._set_aside(batch, reasons)
+        self._count(batch.num_rows - len(reasons), len(reasons))
+        self._count_drift(batch, batch.take(scored) if reasons else batch)
         return self._output(batch.take(scored) if reasons else batch, outputs)
+
+    def _count_drift(self, batch: pa.Table, scored: pa.Table) -> None:
+        """Bin counts of the scored rows' inputs, in a file named after the batch's first row
+        (a retried batch overwrites rather than adds)."""
+        if self.binner is None or batch.num_rows == 0:
+            return
+        counts = self.binner.count(scored).tolist()
+        first = f"{batch.column(_FILE)[0].as_py():08d}-{batch.column(_ROW)[0].as_py():012d}"
+        path = storage.join(self.job.staging, _DRIFT_PARTS, f"{first}.json")
+        self.job.out_fs.create_dir(posixpath.dirname(path), recursive=True)
+        storage.write_bytes(self.job.out_fs, path, json.dumps(counts).encode())
 
     def _row_problems(self, batch: pa.Table) -> dict[int, str]:
         """Rows that cannot be scored, found without calling the model, with the reason."""
@@ -1198,6 +1272,7 @@ class GenerationActor(_RowActor):
             done.append(row)
         if reasons:
             self._set_aside(batch, reasons)
+        self._count(len(done), len(reasons))
         rows = np.asarray(done, dtype=np.int64)  # an empty list would have no type
         return self._output(batch.take(rows), [prompts[row] for row in done], results)
 

@@ -15,17 +15,14 @@ from contextlib import closing, suppress
 from dataclasses import asdict
 from typing import Any
 
-from ray.serve import metrics
 from ray.serve.exceptions import RayServeException
 
+from kiln import metrics as kiln_metrics
 from kiln.errors import DataError
 from kiln.inference import openai_api
 from kiln.inference.lm import Completion, GenerationRequest, LMPredictor
 from kiln.inference.oip import RequestError
 from kiln.inference.openai_api import APIError, ChatRequest, CompletionRequest, Generated
-
-# Typed Any: ray.util.metrics annotates tag_keys as a 1-tuple.
-_VERSION_TAGS: Any = ("model", "version")
 
 HEALTH_PROMPT = "def "
 """The fixed prompt an LM replica's health check generates one token from."""
@@ -53,11 +50,11 @@ class LMServer:
         self.ref = self.predictor.ref
         self._tags = {"model": served_name, "version": self.ref.rsplit(":", 1)[1]}
         self._generating = threading.Lock()
-        self._tokens = metrics.Counter(
-            "kiln_generated_tokens",
-            description="Tokens generated (completion tokens).",
-            tag_keys=_VERSION_TAGS,
-        )
+        self._tokens = kiln_metrics.create("kiln_generated_tokens", serve=True)
+        self._queue_depth = kiln_metrics.create("kiln_queue_depth", serve=True)
+        self._queued = 0  # requests in stream(): one event loop, so no lock
+        self._queue_depth.set(0, tags=self._tags)
+        kiln_metrics.create("kiln_replica_up", serve=True).set(1, tags=self._tags)
 
     async def complete(self, request: dict[str, Any]) -> dict[str, Any]:
         """The whole completion: `{"text", "prompt_tokens", "completion_tokens",
@@ -103,6 +100,8 @@ class LMServer:
             finally:
                 put(_END)
 
+        self._queued += 1
+        self._queue_depth.set(self._queued, tags=self._tags)
         threading.Thread(target=produce, name="kiln-generate", daemon=True).start()
         try:
             while (item := await queue.get()) is not _END:
@@ -111,6 +110,8 @@ class LMServer:
                 yield item
         finally:
             stop.set()
+            self._queued -= 1
+            self._queue_depth.set(self._queued, tags=self._tags)
 
     def _pieces(self, request: dict[str, Any]) -> Generator[dict[str, Any], None, None]:
         for piece in self.predictor.stream(self._generation_request(request)):

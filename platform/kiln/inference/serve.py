@@ -30,13 +30,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
-from ray.serve import metrics
 from ray.serve.deployment import Application, Deployment
 from ray.serve.exceptions import BackPressureError, RayServeException
 from starlette.exceptions import HTTPException
 
 from kiln import __version__
-from kiln.errors import DataError
+from kiln import metrics as kiln_metrics
+from kiln.errors import DataError, RegistryError
 from kiln.inference import oip, openai_api
 from kiln.inference.lm import LANGUAGE_MODELING
 from kiln.inference.lm_server import EventStream, LMServer, next_piece, refused
@@ -49,6 +49,9 @@ from kiln.inference.serve_spec import (
     load_token,
     validate_serve_spec,
 )
+from kiln.monitor.client import MonitorError, parse_window
+from kiln.monitor.profile import PROFILE_FILE
+from kiln.monitor.store import DriftRecorder
 from kiln.registry import Registry
 from kiln.storage import is_uri
 
@@ -56,12 +59,6 @@ logger = logging.getLogger(__name__)
 
 IMPORT_PATH = "kiln.inference.serve:build_app"
 INGRESS = "kiln-ingress"
-_LATENCY_MS = [1.0, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000]
-_BATCH_SIZES = [1.0, 2, 4, 8, 16, 32, 64, 128, 256]
-# Typed Any: ray.util.metrics annotates tag_keys as a 1-tuple.
-_VERSION_TAGS: Any = ("model", "version")
-_ROUTE_TAGS: Any = ("model", "version", "route")
-_STATUS_TAGS: Any = ("model", "version", "route", "status")
 _READY_CACHE_S = 2.0
 
 
@@ -94,18 +91,23 @@ class ModelServer:
         batcher.set_max_batch_size(max_batch_size)
         batcher.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self._tags = {"model": served_name, "version": self.ref.rsplit(":", 1)[1]}
-        self._batch_size = metrics.Histogram(
-            "kiln_batch_size",
-            description="Requests combined into one forward pass.",
-            boundaries=_BATCH_SIZES,
-            tag_keys=_VERSION_TAGS,
-        )
+        self._batch_size = kiln_metrics.create("kiln_batch_size", serve=True)
+        self._queue_depth = kiln_metrics.create("kiln_queue_depth", serve=True)
+        self._queued = 0  # requests in predict(): one event loop, so no lock
+        self._queue_depth.set(0, tags=self._tags)
+        kiln_metrics.create("kiln_replica_up", serve=True).set(1, tags=self._tags)
         self._probe = _probe_table(self.predictor.schema)
 
     async def predict(self, table: pa.Table) -> dict[str, Any]:
         """Predictions for one request's rows, or `{"error": message}` for rows the model cannot
         score (the other requests of the batch are unaffected)."""
-        return await self._predict_batch(table)
+        self._queued += 1
+        self._queue_depth.set(self._queued, tags=self._tags)
+        try:
+            return await self._predict_batch(table)
+        finally:
+            self._queued -= 1
+            self._queue_depth.set(self._queued, tags=self._tags)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
     async def _predict_batch(self, tables: list[pa.Table]) -> list[dict[str, Any]]:
@@ -344,20 +346,10 @@ class Ingress:
         }
         self._started = openai_api.now()
         self._ready_at: dict[str, float] = {}
-        self._requests = metrics.Counter(
-            "kiln_requests", description="Inference requests answered.", tag_keys=_STATUS_TAGS
-        )
-        self._errors = metrics.Counter(
-            "kiln_request_errors",
-            description="Inference requests answered 4xx/5xx.",
-            tag_keys=_STATUS_TAGS,
-        )
-        self._latency = metrics.Histogram(
-            "kiln_request_latency_ms",
-            description="Inference request latency in the ingress, milliseconds.",
-            boundaries=_LATENCY_MS,
-            tag_keys=_ROUTE_TAGS,
-        )
+        self._drift = _drift_recorder(self.spec, routes)
+        self._requests = kiln_metrics.create("kiln_requests", serve=True)
+        self._errors = kiln_metrics.create("kiln_request_errors", serve=True)
+        self._latency = kiln_metrics.create("kiln_request_latency_ms", serve=True)
 
     def check_health(self) -> None:
         """Serve's health check: a colocated model must still predict finite outputs (a language
@@ -489,6 +481,60 @@ class Ingress:
     )
     async def predict_version(self, name: str, version: str, request: Request) -> Response:
         return await self._predict(name, version, request)
+
+    # ---- drift -----------------------------------------------------------------------------------
+
+    @app.get(
+        "/v1/models/{name}/drift",
+        summary="Drift of the model's live inputs against its training profile: per feature PSI "
+        "and KS, thresholds and flags, over the last `window` (e.g. 15m, 1h; default the serve "
+        "spec's monitor.window_s), for one `version` or every served one",
+        responses={401: {"model": oip.ErrorDoc}, 404: {"model": oip.ErrorDoc}},
+    )
+    async def drift(
+        self, name: str, request: Request, window: str | None = None, version: str | None = None
+    ) -> JSONResponse:
+        self._authorize(request)
+        served = self._served(name)
+        variants = [served.pick(version)] if version else served.variants
+        if variants[0].is_lm:
+            raise RequestError(
+                400,
+                f"model {name!r} is a language model: its inputs are text, so it has no training "
+                "profile to measure drift against",
+            )
+        watched = self._watched(variants)
+        try:
+            window_s = parse_window(window) if window else self.spec.monitor.window_s
+        except MonitorError as exc:
+            raise RequestError(400, str(exc).replace("--window", "window")) from None
+        if window_s > self.spec.monitor.retention_s:
+            retention = self.spec.monitor.retention_s
+            raise RequestError(
+                400, f"window: {window} exceeds monitor.retention_s ({retention:g} s)"
+            )
+        reports = await self._drift.query(name, watched, window_s) if self._drift else []
+        document = {
+            "model": name,
+            "window": window or f"{window_s:g}s",
+            "window_s": window_s,
+            "versions": reports,
+        }
+        return JSONResponse(document)
+
+    def _watched(self, variants: list[_Variant]) -> list[str]:
+        """The versions whose inputs are counted (404 naming the first that is not)."""
+        versions = list(dict.fromkeys(v.info.version for v in variants))
+        for variant in variants:
+            info = variant.info
+            if self._drift is None or not self._drift.watches(info.name, info.version):
+                raise RequestError(
+                    404,
+                    f"{variant.info.ref} is not monitored: it has no training profile "
+                    f"({PROFILE_FILE}; models registered by kiln train have one) or the serve "
+                    "spec sets monitor.enabled: false",
+                )
+        return versions
 
     # ---- OpenAI-compatible routes (language models) ----------------------------------------------
 
@@ -642,7 +688,7 @@ class Ingress:
         except Exception:
             logger.exception("OpenAI-compatible %s request failed", route)
             response = JSONResponse(openai_api.error_body(500, "internal error"), status_code=500)
-        status = {**tags, "status": str(response.status_code)}
+        status = {**tags, "code": str(response.status_code)}
         self._requests.inc(tags=status)
         if response.status_code >= 400:
             self._errors.inc(tags=status)
@@ -688,7 +734,7 @@ class Ingress:
         except Exception:
             logger.exception("inference failed for model %s", tags["model"])
             response = JSONResponse(oip.error_body("internal error"), status_code=500)
-        status = {**tags, "status": str(response.status_code)}
+        status = {**tags, "code": str(response.status_code)}
         self._requests.inc(tags=status)
         if response.status_code >= 400:
             self._errors.inc(tags=status)
@@ -704,6 +750,8 @@ class Ingress:
         for key, value in result.items():
             if value.dtype.kind == "f" and not np.isfinite(value).all():
                 raise RequestError(500, f"{variant.info.ref} predicted a non-finite {key}")
+        if self._drift is not None:  # inputs the model accepted: count them for drift
+            self._drift.schedule(variant.info.name, variant.info.version, table)
         return result
 
     async def _await_replica(self, variant: _Variant, response: Any, timeout: float) -> Any:
@@ -875,6 +923,7 @@ def build_app(args: dict[str, Any]) -> Application:
                     "schema": schema,
                     "handle": handle,
                     "created": _unix_seconds(mv.created_at),
+                    "profile": _profile(registry, mv) if not is_lm else None,
                 }
             )
             logger.info(
@@ -884,6 +933,33 @@ def build_app(args: dict[str, Any]) -> Application:
     return INGRESS_SERVER.options(**ingress_deployment_options(spec)).bind(
         spec.model_dump(mode="json"), routes, colocated
     )
+
+
+def _profile(registry: Registry, mv: Any) -> dict[str, Any] | None:
+    """A version's training profile, None when it has none (registered before profiles)."""
+    try:
+        return registry.read_document(mv, PROFILE_FILE)
+    except RegistryError:
+        return None
+
+
+def _drift_recorder(spec: ServeSpec, routes: list[dict[str, Any]]) -> DriftRecorder | None:
+    """The drift recorder of the monitored versions (None when no version is monitored)."""
+    versions = []
+    for model, route in zip(spec.models, routes, strict=True):
+        enabled, thresholds = spec.monitor.for_model(model.monitor)
+        for variant in route["variants"] if enabled else []:
+            if variant.get("profile"):
+                versions.append(
+                    {
+                        "model": route["name"],
+                        "version": variant["ref"].rsplit(":", 1)[1],
+                        "ref": variant["ref"],
+                        "profile": variant["profile"],
+                        "thresholds": thresholds.to_dict(),
+                    }
+                )
+    return DriftRecorder(spec.name, spec.monitor, versions) if versions else None
 
 
 def _unix_seconds(iso: str) -> int:

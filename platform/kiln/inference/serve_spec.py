@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from kiln.config.load import apply_override, describe_validation_error, read_yaml_mapping
 from kiln.errors import SpecError
+from kiln.monitor.spec import ModelMonitorSpec, MonitorSpec
 
 _NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 _ENV_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
@@ -145,6 +146,8 @@ class ModelServeSpec(_Spec):
     """Resources of each replica."""
     health_check_period_s: float = Field(default=10.0, gt=0.0)
     """How often each replica checks that its model still predicts."""
+    monitor: ModelMonitorSpec = Field(default_factory=ModelMonitorSpec)
+    """Drift thresholds of this model (default: the application's `monitor`)."""
 
     @model_validator(mode="after")
     def _check(self) -> ModelServeSpec:
@@ -220,6 +223,9 @@ class ServeSpec(_Spec):
     """Ray runtime_env of the application (`env_vars`, `pip`, `working_dir`) for `serve deploy`."""
     models: list[ModelServeSpec] = Field(min_length=1)
     """The models served."""
+    monitor: MonitorSpec = Field(default_factory=MonitorSpec)
+    """Drift of live inputs against each model's training profile (`GET
+    /v1/models/<name>/drift`, `kiln monitor`, the kiln_feature_drift_* gauges)."""
 
     @property
     def colocated(self) -> bool:

@@ -44,6 +44,10 @@ def score_argv(spec_path: str, overrides: list[str] | tuple[str, ...] = ()) -> l
         argv += ["--key", score.key]
     if score.overwrite:
         argv.append("--overwrite")
+    if not spec.tracking.enabled:
+        argv.append("--no-tracking")
+    elif spec.tracking.uri:
+        argv += ["--tracking-uri", spec.tracking.uri]
     return argv
 
 

@@ -70,14 +70,14 @@ def build_engine(model: nn.Module, train: TrainSpec, total_steps: int) -> Any:
     if "optimizer" in config:
         _pin_cuda_arch()
     schedule = warmup_cosine(train.warmup_steps, total_steps)
+    # Frozen parameters (kiln retrain's `freeze`) stay out of the optimizer altogether.
+    trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = None
     if "optimizer" not in config:
-        optimizer = torch.optim.AdamW(
-            model.parameters(), lr=train.lr, weight_decay=train.weight_decay
-        )
+        optimizer = torch.optim.AdamW(trainable, lr=train.lr, weight_decay=train.weight_decay)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
-        model_parameters=None if optimizer else model.parameters(),
+        model_parameters=None if optimizer else trainable,
         optimizer=optimizer,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
         config=config,
@@ -121,6 +121,11 @@ def full_state_dict(engine: Any) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     for name, param in engine.module.named_parameters():
         full = safe_get_full_fp32_param(param)
+        if full is None and hasattr(param, "ds_id"):  # ZeRO-3, frozen: no fp32 copy to gather
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([param]):
+                full = param.detach().float().cpu().clone()
         if full is None:
             full = param.detach()
         state[name] = full.detach().float().cpu().clone()

@@ -7,6 +7,7 @@ pickled engine state.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from kiln.config import JobSpec, dump_spec
 from kiln.data.fitted import FittedPreprocessor
 from kiln.errors import TrainingError
 from kiln.registry import ModelVersion, Registry
-from kiln.train.loop import WEIGHTS_FILE
+from kiln.train.loop import EVALUATION_FILE, WEIGHTS_FILE
 
 
 def model_document(spec: JobSpec, preprocessor: FittedPreprocessor) -> dict[str, Any]:
@@ -45,13 +46,16 @@ def register_checkpoint(
     metrics: dict[str, Any],
     history: list[dict[str, Any]],
     lineage: dict[str, Any],
+    profile: dict[str, Any] | None = None,
 ) -> ModelVersion:
-    """Register the checkpoint's weights with the model, preprocessing, metrics and lineage."""
+    """Register the checkpoint's weights with the model, preprocessing, metrics and lineage,
+    and the training data's `profile` (drift monitoring) when given."""
     with checkpoint.as_directory() as directory:
         weights = Path(directory, WEIGHTS_FILE)
         if not weights.is_file():
             raise TrainingError(f"checkpoint {checkpoint.path} has no {WEIGHTS_FILE}")
         tensors = load_file(str(weights))
+        evaluation = _read_evaluation(Path(directory, EVALUATION_FILE), preprocessor)
     documents = {
         "model.json": model_document(spec, preprocessor),
         "preprocessing.json": preprocessor.to_dict(),
@@ -63,9 +67,27 @@ def register_checkpoint(
         },
         "lineage.json": {"spec": spec.model_dump(mode="json"), **lineage},
     }
+    if evaluation is not None:
+        documents[EVALUATION_FILE] = evaluation
+    if profile is not None:
+        documents["profile.json"] = profile
     return registry.register(
         spec.name, tensors, documents, extra_files={"spec.yaml": dump_spec(spec).encode()}
     )
+
+
+def _read_evaluation(path: Path, preprocessor: FittedPreprocessor) -> dict[str, Any] | None:
+    """The checkpoint epoch's evaluation (None for checkpoints from before it existed), with
+    the class labels of the fitted preprocessing in class-index order."""
+    if not path.is_file():
+        return None
+    evaluation: dict[str, Any] = json.loads(path.read_text())
+    classes = getattr(getattr(preprocessor, "label", None), "classes", None)
+    if evaluation.get("task") == "classification" and classes is not None:
+        evaluation["labels"] = [c if isinstance(c, (int, str, bool)) else str(c) for c in classes]
+        for label, scores in zip(evaluation["labels"], evaluation["per_class"], strict=True):
+            scores["label"] = label
+    return evaluation
 
 
 def _plain(metrics: dict[str, Any]) -> dict[str, Any]:

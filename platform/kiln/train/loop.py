@@ -22,17 +22,21 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
+from kiln import metrics as kiln_metrics
 from kiln.config.spec import JobSpec
 from kiln.models import build_model
+from kiln.progress import eta_seconds, format_duration
 from kiln.train.engine import build_engine, full_state_dict
 from kiln.train.ingest import iter_micro_batches
 from kiln.train.lm import sample_text, token_loss
 from kiln.train.metrics import ClassificationMeter, LanguageModelMeter, RegressionMeter
+from kiln.train.warmstart import apply_warm_start
 
 logger = logging.getLogger("kiln.train")
 
 CHECKPOINT_TAG = "kiln"
 STATE_FILE = "kiln_state.json"
+EVALUATION_FILE = "evaluation.json"
 WEIGHTS_FILE = "model.safetensors"
 
 
@@ -64,6 +68,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
         input_schema,
         activation_checkpointing=spec.train.deepspeed.activation_checkpointing,
     )
+    if config.get("warm_start"):  # kiln retrain: registered weights, some frozen
+        frozen = apply_warm_start(model, config["warm_start"])
+        if rank == 0:
+            logger.info(
+                "warm start from %s; %d parameter tensors frozen",
+                config["warm_start"]["ref"],
+                len(frozen),
+            )
     engine = build_engine(model, spec.train, total_steps=config["total_steps"])
     start_epoch, global_step, history = _resume(engine, spec, config.get("resume_from"))
     resumed_from = start_epoch - 1
@@ -75,6 +87,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("validation")
     micro_batch = spec.train.batch_size // (world * spec.train.deepspeed.grad_accum)
+    run_start, first_step = time.perf_counter(), global_step  # for the step line's ETA
     for epoch in range(start_epoch, spec.train.epochs + 1):
         if _steps_done(global_step, spec):  # resumed after the last step's checkpoint
             break
@@ -104,14 +117,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
                 and (global_step % spec.train.log_every == 0)
             ):
                 rate = window_rows * world / max(time.perf_counter() - window_start, 1e-9)
+                steps_per_s = (global_step - first_step) / (time.perf_counter() - run_start)
                 logger.info(
-                    "epoch %d step %d loss %.4f lr %.3e %s %.0f",
+                    "epoch %d/%d step %d/%d loss %.4f lr %.3e %s %.0f eta %s",
                     epoch,
+                    spec.train.epochs,
                     global_step,
+                    config["total_steps"],
                     loss.item(),
                     engine.get_lr()[0],
                     "tokens/s" if is_lm else "samples/s",
                     rate * spec.data.block_size if is_lm else rate,
+                    format_duration(eta_seconds(global_step, config["total_steps"], steps_per_s)),
                 )
                 window_start, window_rows = time.perf_counter(), 0
         train_time = time.perf_counter() - epoch_start
@@ -128,7 +145,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
         if is_lm:
             metrics["tokens_per_s"] = _global_sum(tokens, device) / max(train_time, 1e-9)
             metrics["train_perplexity"] = math.exp(min(train_loss, 700.0))
-        metrics |= evaluate(engine, val_shard, config, spec, device, dtype)
+        evaluation: dict[str, Any] = {"epoch": epoch}
+        metrics |= evaluate(engine, val_shard, config, spec, device, dtype, details=evaluation)
         if is_lm:
             metrics |= _lm_extras(engine, config, spec, rank)
         if rank == 0:
@@ -136,20 +154,36 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
         history.append(metrics)
         last = epoch == spec.train.epochs or _steps_done(global_step, spec)
         due = epoch % spec.train.checkpoint_every == 0 or last
-        _report(engine, metrics, history, checkpoint=due, rank=rank)
+        _report(
+            engine,
+            metrics,
+            history,
+            checkpoint=due,
+            rank=rank,
+            evaluation=evaluation,
+            job=spec.name,
+        )
         if last:
             break
     return history
 
 
 def evaluate(
-    engine: Any, shard: Any, config: dict[str, Any], spec: JobSpec, device: Any, dtype: Any
+    engine: Any,
+    shard: Any,
+    config: dict[str, Any],
+    spec: JobSpec,
+    device: Any,
+    dtype: Any,
+    *,
+    details: dict[str, Any] | None = None,
 ) -> dict[str, float]:
     """Validation metrics over every worker's validation shard, reduced exactly.
 
     Shards may differ in length by a few rows, yet under ZeRO-3 every forward pass is a
     collective, so ranks step in lock-step and a rank that has run out runs a throwaway
-    forward on its last batch until all are done.
+    forward on its last batch until all are done. `details`, when given (on every rank), gets
+    the evaluation document: confusion matrix and per-class scores, or a residual sample.
     """
     engine.eval()
     if spec.data.task == "language_modeling":
@@ -177,6 +211,8 @@ def evaluate(
     if dist.is_initialized():
         dist.all_reduce(state)
     meter.state = state.cpu()
+    if details is not None:
+        details |= meter.evaluation(device)
     return {f"val_{name}": value for name, value in meter.compute().items()}
 
 
@@ -235,11 +271,16 @@ def _report(
     *,
     checkpoint: bool,
     rank: int,
+    evaluation: dict[str, Any] | None = None,
+    job: str = "",
 ) -> None:
     """ray.train.report, with a checkpoint when due: every rank saves its DeepSpeed shard
-    (for resuming) and rank 0 adds the consolidated fp32 weights and the loop state."""
+    (for resuming) and rank 0 adds the consolidated fp32 weights and the loop state. Rank 0
+    also sets the training gauges (kiln.metrics) for Prometheus."""
     import ray.train
 
+    if rank == 0:
+        _export_metrics(metrics, job, ray.train.get_context().get_experiment_name())
     if not checkpoint:
         ray.train.report(metrics)
         return
@@ -249,7 +290,19 @@ def _report(
         if rank == 0:
             save_file(weights, os.path.join(tmp, WEIGHTS_FILE))
             Path(tmp, STATE_FILE).write_text(json.dumps({**metrics, "history": history}))
+            if evaluation and "task" in evaluation:  # this epoch's, with its checkpoint
+                Path(tmp, EVALUATION_FILE).write_text(json.dumps(evaluation))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def _export_metrics(metrics: dict[str, Any], job: str, run: str) -> None:
+    """Set the training gauges from one epoch's results; a metrics failure never stops
+    training."""
+    try:
+        for name, value, tags in kiln_metrics.training_samples(metrics, job, run):
+            kiln_metrics.shared(name).set(value, tags=tags)
+    except Exception:
+        logger.warning("could not export training metrics", exc_info=True)
 
 
 def _resume(

@@ -29,6 +29,7 @@ from kiln.data.text import TextPreprocessor, unigram_perplexity
 from kiln.data.text_pipeline import fit_text_preprocessor, pack_dataset, token_statistics
 from kiln.errors import KilnError, TrainingError
 from kiln.registry import ModelVersion, Registry
+from kiln.tracking import jobs as tracked
 from kiln.train.export import register_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -47,6 +48,10 @@ class Prepared:
     stats: dict[str, Any]
     train_rows: int
     datasets: dict[str, Any] = field(default_factory=dict)
+    raw_train: Any = None
+    """The lazy training split as read (raw feature values), for its profile."""
+    profile: dict[str, Any] | None = None
+    """The training split's per-feature statistics (profile.json; None for language models)."""
 
 
 @dataclass
@@ -76,15 +81,29 @@ def run(spec: JobSpec, *, resume: str | None = None, address: str | None = None)
     local = local_resources(address)
     if local is not None:  # refuse a plan this machine cannot hold before starting Ray
         plan_training(spec.train, cluster_cpus=local[0], cluster_gpus=local[1])
-    connect(address)
-    _check_storage(spec)
-    plan = _plan(spec)
-    logger.info("resources: %s", plan.describe())
-    prepared = prepare(spec, plan, check, run_dir=run_dir, preprocessor=saved)
-    if saved is None:
-        _save_run(spec, run_dir, prepared)
-    result = fit(spec, prepared, plan, run_dir)
-    return _register(spec, prepared, result, run_dir)
+    tracker = tracked.train_tracker(spec, run_dir, run_file=RUN_FILE)
+    with tracker:  # FAILED/KILLED in the store when anything below raises
+        connect(address)
+        _check_storage(spec)
+        plan = _plan(spec)
+        logger.info("resources: %s", plan.describe())
+        prepared = prepare(spec, plan, check, run_dir=run_dir, preprocessor=saved)
+        if saved is None:
+            _save_run(spec, run_dir, prepared)
+            tracked.remember(tracker, run_dir, RUN_FILE)
+        prepared.profile = training_profile(prepared, plan)
+        callbacks = tracked.train_callbacks(tracker, run_dir)
+        result = fit(spec, prepared, plan, run_dir, callbacks=callbacks)
+        outcome = _register(spec, prepared, result, run_dir)
+        tracked.finish_training(
+            tracker,
+            spec,
+            model=outcome.model,
+            metrics=outcome.metrics,
+            history=outcome.history,
+            run_dir=run_dir,
+        )
+    return outcome
 
 
 def prepare(
@@ -148,7 +167,24 @@ def prepare(
     if _should_cache(spec, pre, rows, val_info):
         # Blocks go to the object store (spilled to disk past its size), not to the driver.
         datasets = {name: ds.materialize() for name, ds in datasets.items()}
-    return Prepared(train_info, val_info, pre, stats, rows, datasets)
+    return Prepared(train_info, val_info, pre, stats, rows, datasets, raw_train=train_ds)
+
+
+def training_profile(prepared: Prepared, plan: ResourcePlan | None = None) -> dict[str, Any] | None:
+    """Per-feature statistics of the raw training split, for drift monitoring (two streaming
+    passes of small partials; the driver never holds rows). None for language models."""
+    from kiln.monitor import profile_dataset
+
+    if prepared.raw_train is None:
+        return None
+    info = prepared.train_info
+    profile = profile_dataset(
+        prepared.raw_train,
+        numeric=list(info.numeric),
+        categorical=list(info.categorical),
+        num_cpus=plan.data_task_cpus if plan else 0.25,
+    )
+    return profile.to_dict()
 
 
 def _prepare_text(
@@ -268,6 +304,7 @@ def fit(
     *,
     callbacks: list[Any] | None = None,
     resume_from: str | None = None,
+    warm_start: dict[str, Any] | None = None,
 ) -> Any:
     """Run the TorchTrainer; returns Ray Train's Result.
 
@@ -275,6 +312,8 @@ def fit(
         callbacks: extra Ray Train callbacks (a Tune trial forwards each report with one).
         resume_from: a kiln checkpoint directory to start from when the run has none of its
             own yet (a PBT trial cloning another trial's state).
+        warm_start: `kiln.train.warmstart.warm_start_config(...)`: every worker loads these
+            registered weights and freezes these prefixes before building its engine.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -301,6 +340,8 @@ def fit(
         loop_config["unigram_perplexity"] = prepared.stats["val_unigram_perplexity"]
     if resume_from is not None:
         loop_config["resume_from"] = resume_from
+    if warm_start is not None:
+        loop_config["warm_start"] = warm_start
     trainer = TorchTrainer(
         train_loop_per_worker,  # type: ignore[arg-type]  # returns the history to rank 0
         train_loop_config=loop_config,
@@ -338,7 +379,8 @@ def fit(
     return result
 
 
-def _register(spec: JobSpec, prepared: Prepared, result: Any, run_dir: str) -> TrainOutcome:
+def best_checkpoint(spec: JobSpec, result: Any) -> tuple[Any, dict[str, Any]]:
+    """The kept checkpoint with the best `spec.metric`, and its reported metrics."""
     scored = [
         (ckpt, metrics)
         for ckpt, metrics in (result.best_checkpoints or [])
@@ -347,7 +389,20 @@ def _register(spec: JobSpec, prepared: Prepared, result: Any, run_dir: str) -> T
     if not scored:
         raise TrainingError(f"training reported no checkpoint with metric {spec.metric!r}")
     pick = max if spec.mode == "max" else min
-    checkpoint, metrics = pick(scored, key=lambda pair: pair[1][spec.metric])
+    return pick(scored, key=lambda pair: pair[1][spec.metric])
+
+
+def _register(
+    spec: JobSpec,
+    prepared: Prepared,
+    result: Any,
+    run_dir: str,
+    *,
+    extra_lineage: dict[str, Any] | None = None,
+) -> TrainOutcome:
+    """Register the best checkpoint; `extra_lineage` (e.g. kiln retrain's decision) is merged
+    into lineage.json."""
+    checkpoint, metrics = best_checkpoint(spec, result)
     lineage = {
         "run_dir": run_dir,
         "checkpoint": checkpoint.path,
@@ -359,6 +414,7 @@ def _register(spec: JobSpec, prepared: Prepared, result: Any, run_dir: str) -> T
             else None,
             "train_rows": prepared.train_rows,
         },
+        **(extra_lineage or {}),
     }
     history = list(result.return_value or [])
     version = register_checkpoint(
@@ -369,6 +425,7 @@ def _register(spec: JobSpec, prepared: Prepared, result: Any, run_dir: str) -> T
         metrics=metrics,
         history=history,
         lineage=lineage,
+        profile=prepared.profile or training_profile(prepared),
     )
     return TrainOutcome(run_dir, dict(metrics), version, int(metrics.get("epoch", 0)), history)
 

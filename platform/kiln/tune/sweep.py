@@ -27,6 +27,7 @@ from kiln.data.fitted import FittedPreprocessor, preprocessor_from_dict
 from kiln.data.source import check_data
 from kiln.errors import KilnError, TrainingError
 from kiln.registry import ModelVersion, Registry
+from kiln.tracking import jobs as tracked
 from kiln.train import run as train_run
 from kiln.train.export import register_checkpoint
 from kiln.tune import results, space
@@ -76,19 +77,35 @@ def run(
     local = local_resources(address)
     if local is not None:  # refuse a plan this machine cannot hold before starting Ray
         plan_for_cluster(spec, *local)
-    connect(address)
-    train_run._check_storage(spec)  # trials checkpoint under train.storage from every node
-    plan = sweep_plan(spec)
-    logger.info("resources: %s", plan.describe())
-    shared = None
-    if not _sweeps_data(spec):
-        shared = train_run.prepare(spec, plan.trial, check, run_dir=sweep_dir, preprocessor=saved)
-    if not resume:
-        _save_sweep(spec, sweep_dir, shared)
-    setup = TrialSetup(spec, sweep_dir, plan.cluster_cpus, plan.cluster_gpus, shared)
-    started = time.monotonic()
-    grid = _tuner(spec, setup, plan, sweep_dir, restore=bool(resume)).fit()
-    return _finish(spec, grid, sweep_dir, elapsed_s=time.monotonic() - started)
+    tracker = tracked.sweep_tracker(spec, sweep_dir, run_file=SWEEP_RUN_FILE)
+    with tracker:  # the sweep's run ends FAILED/KILLED when anything below raises
+        connect(address)
+        train_run._check_storage(spec)  # trials checkpoint under train.storage from every node
+        plan = sweep_plan(spec)
+        logger.info("resources: %s", plan.describe())
+        shared = None
+        if not _sweeps_data(spec):
+            shared = train_run.prepare(
+                spec, plan.trial, check, run_dir=sweep_dir, preprocessor=saved
+            )
+        if not resume:
+            _save_sweep(spec, sweep_dir, shared)
+            tracked.remember(tracker, sweep_dir, SWEEP_RUN_FILE)
+        setup = TrialSetup(spec, sweep_dir, plan.cluster_cpus, plan.cluster_gpus, shared)
+        started = time.monotonic()
+        callbacks = tracked.trial_callbacks(tracker, spec)
+        tuner = _tuner(spec, setup, plan, sweep_dir, restore=bool(resume), callbacks=callbacks)
+        outcome = _finish(spec, tuner.fit(), sweep_dir, elapsed_s=time.monotonic() - started)
+        tracked.finish_sweep(
+            tracker,
+            spec,
+            model=outcome.model,
+            best=outcome.best,
+            metric=space.sweep_metric(spec)[0],
+            sweep_dir=sweep_dir,
+            num_trials=len(outcome.rows),
+        )
+    return outcome
 
 
 def sweep_plan(spec: JobSpec) -> SweepPlan:
@@ -127,7 +144,17 @@ def plan_for_cluster(spec: JobSpec, cluster_cpus: float, cluster_gpus: float) ->
     return min(plans, key=lambda plan: plan.concurrent_trials)
 
 
-def _tuner(spec: JobSpec, setup: TrialSetup, plan: SweepPlan, sweep_dir: str, *, restore: bool):
+def _tuner(
+    spec: JobSpec,
+    setup: TrialSetup,
+    plan: SweepPlan,
+    sweep_dir: str,
+    *,
+    restore: bool,
+    callbacks: list[Any] | None = None,
+):
+    """The Tuner; `callbacks` join the live table (a restored sweep keeps the callbacks it
+    was created with: Tune restores them from its saved state)."""
     from ray import tune
 
     assert spec.tune is not None
@@ -158,7 +185,7 @@ def _tuner(spec: JobSpec, setup: TrialSetup, plan: SweepPlan, sweep_dir: str, *,
         run_config=tune.RunConfig(
             name=sweep_dir.rstrip("/").rsplit("/", 1)[1],
             storage_path=sweep_dir.rstrip("/").rsplit("/", 1)[0],
-            callbacks=[LiveTable(params, metric, mode)],
+            callbacks=[LiveTable(params, metric, mode), *(callbacks or [])],
             verbose=0,
             checkpoint_config=tune.CheckpointConfig(checkpoint_frequency=1),  # pointers: tiny
             failure_config=tune.FailureConfig(max_failures=0),
@@ -245,9 +272,25 @@ def register_best(
         metrics=metrics,
         history=history,
         lineage=lineage,
+        profile=_training_profile(trial_spec, train_info),
     )
     logger.info("registered %s from trial %s", version.ref, best["trial"])
     return version
+
+
+def _training_profile(trial_spec: JobSpec, train_info: Any) -> dict[str, Any] | None:
+    """The drift profile of the best trial's training files (all of them: a
+    `data.validation_split` holdout is not carved out here), streamed through Ray Data once the
+    trials have released the cores. None for language models."""
+    from kiln.data.source import read_dataset
+    from kiln.monitor import profile_dataset
+
+    if trial_spec.data.task == "language_modeling":
+        return None
+    remote = {"num_cpus": 0.5}
+    raw = read_dataset(train_info.files, columns=list(train_info.features), ray_remote_args=remote)
+    numeric, categorical = list(train_info.numeric), list(train_info.categorical)
+    return profile_dataset(raw, numeric=numeric, categorical=categorical, num_cpus=0.5).to_dict()
 
 
 def _best_checkpoint(run_dir: str, metric: str, mode: str) -> tuple[str, dict[str, Any]]:
