@@ -88,6 +88,10 @@ def test_asha_sweep_stops_the_bad_trial_and_registers_the_best(
     assert metrics["best"]["val_accuracy"] == pytest.approx(good["val_accuracy"])
     assert [epoch["epoch"] for epoch in metrics["history"]] == [1, 2]
     assert load_model(registry, outcome.model.ref).module is not None  # verified and loadable
+    profile = documents["profile.json"]  # drift monitoring of the sweep's model
+    rows = pq.ParquetDataset(str(digits_dir / "train")).read().num_rows
+    assert profile["rows"] == rows and len(profile["features"]) == 64
+    assert all(sum(f["counts"]) + f["missing"] == rows for f in profile["features"])
 
     sweep = Path(outcome.sweep_dir)
     table = pq.read_table(sweep / "results.parquet").to_pylist()

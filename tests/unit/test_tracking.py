@@ -337,6 +337,26 @@ def test_runs_cli_lists_and_shows(
     assert "kiln: error: run 'feed': no such run" in capsys.readouterr().err
 
 
+def test_report_latest_picks_the_newest_run_of_a_kind(
+    tmp_path: Path, uri: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["report", "latest", "--tracking-uri", uri, "-o", str(tmp_path / "r.html")]) == 2
+    assert "no run in the tracking store" in capsys.readouterr().err
+    store = open_store(uri)
+    first = store.create_run(experiment="e", kind="train", name="first")
+    store.log_metrics(first, {"train_loss": 1.0, "val_loss": 1.2}, step=1)
+    store.create_run(experiment="e", kind="score", name="out/x")
+
+    out = tmp_path / "r.html"
+    assert main(["report", "latest", "--kind", "train", "--tracking-uri", uri, "-o", str(out)]) == 0
+    assert "train run first" in out.read_text()
+    assert main(["report", "latest", "--tracking-uri", uri, "-o", str(out)]) == 0
+    assert "score run out/x" in out.read_text()
+    capsys.readouterr()
+    assert main(["report", first, "--kind", "train", "--tracking-uri", uri, "-o", str(out)]) == 2
+    assert "--kind goes with RUN_ID `latest` only" in capsys.readouterr().err
+
+
 def test_score_job_spec_carries_its_tracking_section(tmp_path: Path) -> None:
     from kiln.jobs.entry import score_argv
 
