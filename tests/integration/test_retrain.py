@@ -165,6 +165,15 @@ def test_corrupted_labels_are_refused_and_the_alias_stays(
     assert f"{decision['new_score']:.4f}" in line and f"{decision['old_score']:.4f}" in line
     assert "margin 0.02" in line and "new >= old - margin" in line
     assert f"digits-mlp@production stays on {before.ref}" in line
+    # The tracked run says the same (the store is the test's own: tests/conftest.py).
+    from kiln.tracking import open_store
+
+    run = open_store().list(kind="retrain", limit=1)[0]
+    assert (run.status, run.model) == ("FINISHED", new.ref)
+    assert run.tags["kiln.retrain.decision"] == "refused"
+    assert run.tags["kiln.retrain.from"] == before.ref
+    assert run.last("holdout_new_val_accuracy") == pytest.approx(decision["new_score"])
+    assert run.last("holdout_old_val_accuracy") == pytest.approx(decision["old_score"])
 
 
 def test_architecture_mismatch_and_unknown_prefix_fail_before_training(

@@ -70,6 +70,21 @@ def test_classifier_report(tmp_path: Path) -> None:
     assert '<div class="note">' not in html
 
 
+def test_retrain_report_shows_the_gate(tmp_path: Path) -> None:
+    ref = register_model(tmp_path / "registry", "digits-mlp", classification_evaluation())
+    record = train_record(ref)
+    record.kind = "retrain"
+    record.tags |= {"kiln.retrain.from": "digits-mlp:1", "kiln.retrain.decision": "refused"}
+    record.metrics |= {
+        "holdout_old_val_accuracy": [(0, 0.9417)],
+        "holdout_new_val_accuracy": [(0, 0.3306)],
+    }
+    page, _ = build_report(record, tmp_path / "r.html", registry=str(tmp_path / "registry"))
+    html = page.read_text()
+    assert "retrain run digits-mlp" in html and "retrain from digits-mlp:1" in html
+    assert "refused" in html and "old 0.9417, new 0.3306" in html
+
+
 def test_regression_report_has_residuals(tmp_path: Path) -> None:
     ref = register_model(tmp_path / "registry", "housing", regression_evaluation())
     record = train_record(ref, task="regression")

@@ -421,7 +421,18 @@ def _training_figures(record: RunRecord) -> list[tuple[str, str]]:
         if values:
             key.append((f"mean {unit}", _fmt(sum(values) / len(values), "")))
             break
-    return key
+    return key + _retrain_figures(record, metric)
+
+
+def _retrain_figures(record: RunRecord, metric: str) -> list[tuple[str, str]]:
+    """kiln retrain: the gate's verdict and both versions' scores on the same holdout."""
+    decision = record.tags.get("kiln.retrain.decision")
+    if decision is None:
+        return []
+    old, new = record.last(f"holdout_old_{metric}"), record.last(f"holdout_new_{metric}")
+    scores = f"old {_fmt(old)}, new {_fmt(new)}" if old is not None and new is not None else "?"
+    source = record.tags.get("kiln.retrain.from", "?")
+    return [(f"retrain from {source}", decision), (f"holdout {metric}", scores)]
 
 
 def task_of(record: RunRecord) -> str:
