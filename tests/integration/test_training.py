@@ -20,7 +20,10 @@ from kiln.config import JobSpec, validate_spec
 from kiln.models import build_model
 from kiln.registry import Registry
 from kiln.registry.model import load_model
+from kiln.report import build_report
+from kiln.tracking import open_store
 from kiln.train.engine import warmup_cosine
+from kiln.train.metrics import RESIDUAL_SAMPLE_SIZE
 from kiln.train.run import TrainOutcome, run
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_session")]
@@ -228,6 +231,21 @@ def test_regression_with_categoricals_split_and_dedupe(tmp_path: Path) -> None:
     assert len(schema["categorical_cardinalities"]) == 2
     rows = sum(pq.ParquetFile(p).metadata.num_rows for p in train_dir.glob("part-0*.parquet"))
     assert outcome.history and rows > 0
-    lineage = Registry(spec.registry).show(outcome.model.ref)["documents"]["lineage.json"]
+    documents = Registry(spec.registry).show(outcome.model.ref)["documents"]
+    lineage = documents["lineage.json"]
     # De-duplicated and split: the training rows are the distinct rows on the training side.
     assert lineage["data"]["train_rows"] < rows * 0.85
+    # evaluation.json is the registered epoch's: its MSE is that epoch's val_mse, and it keeps
+    # (actual, predicted) pairs of every validation row (fewer than the 2,000 cap here).
+    evaluation, best = documents["evaluation.json"], documents["metrics.json"]["best"]
+    assert evaluation["epoch"] == best["epoch"]
+    assert evaluation["mse"] == pytest.approx(best["val_mse"], rel=1e-9)
+    sample = evaluation["residual_sample"]
+    assert 0 < evaluation["rows"] < RESIDUAL_SAMPLE_SIZE
+    assert len(sample["actual"]) == len(sample["predicted"]) == evaluation["rows"]
+    # The tracked run renders a report with the residual plot.
+    record = open_store().list(kind="train")[0]
+    assert record.model == outcome.model.ref
+    page, report = build_report(open_store().get(record.run_id), tmp_path / "report.html")
+    assert [f.name for f in report.figures] == ["loss", "metrics", "residuals", "throughput"]
+    assert f"all {evaluation['rows']} rows" in page.read_text()

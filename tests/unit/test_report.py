@@ -92,7 +92,7 @@ def test_regression_report_has_residuals(tmp_path: Path) -> None:
     check_page(page, ["loss", "metrics", "residuals", "throughput"])
     assert report.all_notes == []
     html = page.read_text()
-    assert "a uniform sample of 500 of 500 rows" in html
+    assert "all 500 rows" in html
     assert f"<td>mse</td><td>{regression_evaluation()['mse']:.4g}</td>" in html
 
 

@@ -301,7 +301,13 @@ def _regression_evaluation(
     actual, predicted = sample.get("actual") or [], sample.get("predicted") or []
     if actual:
         path = plots.residual_plot(files / "residuals.png", actual, predicted)
-        caption = f"a uniform sample of {len(actual)} of {document.get('rows', '?')} rows, {where}"
+        rows = document.get("rows", "?")
+        sampled = (
+            f"all {rows} rows"
+            if rows == len(actual)
+            else f"a uniform sample of {len(actual)} of {rows} rows"
+        )
+        caption = f"{sampled}, {where}"
         section.figures.append(Figure("residuals", "Residuals", path, caption))
     else:
         section.notes.append(f"{where}: no residual sample was saved.")
