@@ -19,17 +19,14 @@ import requests
 import torch
 
 from kiln import metrics
-from kiln.config import validate_spec
-from kiln.data.preprocess import fit_preprocessor, merge_stats, partial_stats
 from kiln.models import build_model
 from kiln.registry import Registry
-from kiln.train.export import model_document
+from tests.integration.digits_model import FEATURES, fitted_digits
 from tests.unit import grafana
 from tests.unit.test_predictor import register_tiny_model
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_session")]
 
-FEATURES = [f"px_{i:02d}" for i in range(64)]
 SERVED = "metrics-digits"  # a name no other test module serves: its series are this module's
 TIMEOUT = 30
 SCRAPE_DEADLINE_S = 60  # Ray exports what processes record every few seconds
@@ -39,33 +36,9 @@ SCRAPE_DEADLINE_S = 60  # Ray exports what processes record every few seconds
 def registry(digits_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
     """digits-mlp version 1: fitted preprocessing, untrained weights (only metrics matter)."""
     root = str(tmp_path_factory.mktemp("metrics") / "registry")
-    spec = validate_spec(
-        {
-            "name": "digits-mlp",
-            "data": {"train": str(digits_dir / "train"), "validation_split": 0.2, "label": "label"},
-            "model": {"kind": "tabular_mlp", "hidden_sizes": [16]},
-        }
-    )
-    table = pq.read_table(sorted((digits_dir / "train").glob("*.parquet")))
-    stats = merge_stats(
-        [
-            partial_stats(
-                table, numeric=FEATURES, categorical=[], label="label", task="classification"
-            )
-        ]
-    )
-    pre = fit_preprocessor(
-        stats,
-        spec.data.preprocess,
-        features=FEATURES,
-        numeric=FEATURES,
-        categorical=[],
-        label="label",
-        task="classification",
-    )
+    spec, pre, _table, documents = fitted_digits(digits_dir, [16])
     torch.manual_seed(0)
     module = build_model(spec.model, pre.input_schema())
-    documents = {"model.json": model_document(spec, pre), "preprocessing.json": pre.to_dict()}
     Registry(root).register("digits-mlp", module.state_dict(), documents)
     return root
 

@@ -27,12 +27,10 @@ import torch
 import yaml
 
 from kiln.cli.main import main
-from kiln.config import validate_spec
-from kiln.data.preprocess import fit_preprocessor, merge_stats, partial_stats
 from kiln.inference import Predictor
 from kiln.models import build_model
 from kiln.registry import Registry
-from kiln.train.export import model_document
+from tests.integration.digits_model import FEATURES, fitted_digits
 
 pytestmark = [
     pytest.mark.integration,
@@ -41,7 +39,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:The `metrics_interval_s` field:DeprecationWarning"),
 ]
 
-FEATURES = [f"px_{i:02d}" for i in range(64)]
 TOKEN = "kiln-test-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 TIMEOUT = 30
@@ -51,33 +48,9 @@ TIMEOUT = 30
 def registry(digits_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
     """Two versions of digits-mlp, fitted for a few hundred plain-torch steps (seeds 0 and 1)."""
     root = str(tmp_path_factory.mktemp("serve") / "registry")
-    spec = validate_spec(
-        {
-            "name": "digits-mlp",
-            "data": {"train": str(digits_dir / "train"), "validation_split": 0.2, "label": "label"},
-            "model": {"kind": "tabular_mlp", "hidden_sizes": [32]},
-        }
-    )
-    table = pq.read_table(sorted((digits_dir / "train").glob("*.parquet")))
-    stats = merge_stats(
-        [
-            partial_stats(
-                table, numeric=FEATURES, categorical=[], label="label", task="classification"
-            )
-        ]
-    )
-    pre = fit_preprocessor(
-        stats,
-        spec.data.preprocess,
-        features=FEATURES,
-        numeric=FEATURES,
-        categorical=[],
-        label="label",
-        task="classification",
-    )
+    spec, pre, table, documents = fitted_digits(digits_dir, [32])
     arrays = pre.transform(table)
     x, y = torch.from_numpy(arrays["x"]), torch.from_numpy(arrays["y"])
-    documents = {"model.json": model_document(spec, pre), "preprocessing.json": pre.to_dict()}
     for seed, steps in ((0, 150), (1, 40)):
         torch.manual_seed(seed)
         module = build_model(spec.model, pre.input_schema())

@@ -6,9 +6,6 @@ as on the CPU. Skipped without a GPU; the 2-worker Ray paths are in tests/integr
 
 from __future__ import annotations
 
-import os
-import socket
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,23 +24,6 @@ from kiln.train.lm import token_loss
 pytestmark = pytest.mark.gpu
 
 TEXT = "def add(a, b):\n    return a + b\n\n" * 40
-
-
-@pytest.fixture(scope="module")
-def nccl() -> Iterator[None]:
-    """A one-rank nccl process group, as Ray Train sets up per worker."""
-    import torch.distributed as dist
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
-    )
-    torch.cuda.set_device(0)
-    dist.init_process_group("nccl", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def _batches(pre: TextPreprocessor, rows: int) -> dict[str, torch.Tensor]:
