@@ -31,6 +31,7 @@ from kiln.errors import KilnError, TrainingError
 from kiln.registry import ModelVersion, Registry
 from kiln.tracking import jobs as tracked
 from kiln.train.export import register_checkpoint
+from kiln.train.loop import STATE_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +94,8 @@ def run(spec: JobSpec, *, resume: str | None = None, address: str | None = None)
             tracked.remember(tracker, run_dir, RUN_FILE)
         prepared.profile = training_profile(prepared, plan)
         callbacks = tracked.train_callbacks(tracker, run_dir)
-        result = fit(spec, prepared, plan, run_dir, callbacks=callbacks)
+        newest = _newest_checkpoint(run_dir) if resume else None
+        result = fit(spec, prepared, plan, run_dir, callbacks=callbacks, resume_from=newest)
         outcome = _register(spec, prepared, result, run_dir)
         tracked.finish_training(
             tracker,
@@ -310,8 +312,9 @@ def fit(
 
     Args:
         callbacks: extra Ray Train callbacks (a Tune trial forwards each report with one).
-        resume_from: a kiln checkpoint directory to start from when the run has none of its
-            own yet (a PBT trial cloning another trial's state).
+        resume_from: a kiln checkpoint directory to start from when Ray Train has no
+            checkpoint of the run on record (a PBT trial cloning another trial's state;
+            `--resume` of a run interrupted before Ray Train recorded its checkpoints).
         warm_start: `kiln.train.warmstart.warm_start_config(...)`: every worker loads these
             registered weights and freezes these prefixes before building its engine.
     """
@@ -428,6 +431,34 @@ def _register(
         profile=prepared.profile or training_profile(prepared),
     )
     return TrainOutcome(run_dir, dict(metrics), version, int(metrics.get("epoch", 0)), history)
+
+
+def _newest_checkpoint(run_dir: str) -> str | None:
+    """The newest kiln checkpoint on disk in `run_dir`, for --resume when Ray Train has no record
+    of it: a run interrupted while Ray Train's controller was still handling its first reports
+    leaves checkpoints but no checkpoint_manager_snapshot.json. Ray Train's own record, when it
+    has one, still wins (the loop only falls back to this)."""
+    states = checkpoint_states(run_dir)
+    return states[-1][0] if states else None
+
+
+def checkpoint_states(run_dir: str) -> list[tuple[str, dict[str, Any]]]:
+    """(path, kiln_state.json) of every checkpoint Ray Train kept in a run, oldest epoch first."""
+    from pyarrow.fs import FileSelector, FileType
+
+    fs, path = storage.open_location(run_dir, field="train.storage")
+    if not storage.exists(fs, path):
+        return []
+    found = []
+    for info in fs.get_file_info(FileSelector(path)):
+        state_file = storage.join(info.path, STATE_FILE)
+        if info.type == FileType.Directory and storage.exists(fs, state_file):
+            state = json.loads(storage.read_bytes(fs, state_file))
+            where = (
+                run_dir.split("://", 1)[0] + "://" + info.path if "://" in run_dir else info.path
+            )
+            found.append((where, state))
+    return sorted(found, key=lambda item: int(item[1]["epoch"]))
 
 
 def _plan(spec: JobSpec) -> ResourcePlan:

@@ -37,6 +37,7 @@ from kiln.data.source import DataInfo, check_data
 from kiln.errors import TrainingError
 from kiln.train import run as train_run
 from kiln.train.loop import STATE_FILE
+from kiln.train.run import checkpoint_states
 from kiln.tune.space import trial_spec
 
 logger = logging.getLogger(__name__)
@@ -276,25 +277,6 @@ def _delete_dir(location: str) -> None:
     fs, path = storage.open_location(location, field="train.storage")
     if storage.exists(fs, path):
         fs.delete_dir(path)
-
-
-def checkpoint_states(run_dir: str) -> list[tuple[str, dict[str, Any]]]:
-    """(path, kiln_state.json) of every checkpoint Ray Train kept in a run, oldest epoch first."""
-    from pyarrow.fs import FileSelector, FileType
-
-    fs, path = storage.open_location(run_dir, field="train.storage")
-    if not storage.exists(fs, path):
-        return []
-    found = []
-    for info in fs.get_file_info(FileSelector(path)):
-        state_file = storage.join(info.path, STATE_FILE)
-        if info.type == FileType.Directory and storage.exists(fs, state_file):
-            state = json.loads(storage.read_bytes(fs, state_file))
-            where = (
-                run_dir.split("://", 1)[0] + "://" + info.path if "://" in run_dir else info.path
-            )
-            found.append((where, state))
-    return sorted(found, key=lambda item: int(item[1]["epoch"]))
 
 
 def _unreported_epochs(run_dir: str, pointer: dict[str, Any] | None) -> list[dict[str, Any]]:
