@@ -205,7 +205,12 @@ def measure_bare(args: argparse.Namespace, body: bytes) -> dict[str, float]:
 def kiln_spec(args: argparse.Namespace, port: int, batch: int) -> dict[str, Any]:
     return {
         "registry": args.registry,
-        "http": {"host": "127.0.0.1", "port": port},
+        "http": {
+            "host": "127.0.0.1",
+            "port": port,
+            "proxy": args.proxy,
+            "throughput_optimized": args.throughput_optimized,
+        },
         "ingress": {"num_cpus": 0.25},
         "models": [
             {
@@ -259,13 +264,18 @@ def measure_kiln(
 ) -> tuple[dict[str, float], float, dict[str, float]]:
     """Latency and QPS with max_batch_size 32, then QPS with max_batch_size 1, then Serve's own
     floor latency."""
+    from kiln.inference.serve_env import apply_serve_environment, describe
+    from kiln.inference.serve_spec import validate_serve_spec
+
+    port = free_port()
+    # Before Ray is imported and started, as `kiln serve` does: Serve reads these at import.
+    print(describe(apply_serve_environment(validate_serve_spec(kiln_spec(args, port, 1)).http)))
+
     import ray
     from ray import serve
 
     from kiln.inference.serve import build_app, http_options
-    from kiln.inference.serve_spec import validate_serve_spec
 
-    port = free_port()
     path = "/v1/models/bench:predict"
     temp_dir = tempfile.mkdtemp(prefix="kb-", dir="/tmp")  # short: Ray's socket paths are capped
     os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
@@ -314,6 +324,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per QPS run")
     parser.add_argument("--batch-wait", type=float, default=0.0, help="batch_wait_timeout_s")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in each server")
+    parser.add_argument(
+        "--proxy", choices=("auto", "haproxy", "ray"), default="auto", help="kiln's http.proxy"
+    )
+    parser.add_argument(
+        "--throughput-optimized",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="kiln's http.throughput_optimized",
+    )
     parser.add_argument("--bare-port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.registry = os.path.abspath(args.registry)

@@ -11,7 +11,15 @@ from pathlib import Path
 
 import pytest
 
+from kiln.inference.serve_env import apply_serve_environment
+from kiln.inference.serve_spec import HttpSpec
+
 REPO = Path(__file__).resolve().parents[1]
+
+# Every Ray this session starts serves the way `kiln serve` does by default: Ray Serve reads its
+# ingress switches (HAProxy, throughput mode) at import, in each Ray process, so they are set
+# before any test imports Ray.
+apply_serve_environment(HttpSpec())
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -199,6 +199,21 @@ def test_health_and_metadata(server: str) -> None:
     assert "/v2/models/{name}/infer" in paths and "/v1/models/{name}:predict" in paths
 
 
+def test_the_port_is_haproxy_in_front_of_the_replicas(server: str) -> None:
+    import psutil
+
+    # kiln's default ingress (http.proxy: auto, set for this session's Ray by tests/conftest.py):
+    # HAProxy owns the HTTP port, and the answers come from the ingress replica behind it.
+    port = int(server.rsplit(":", 1)[1])
+    listeners = [
+        c.pid
+        for c in psutil.net_connections(kind="tcp")
+        if c.status == psutil.CONN_LISTEN and c.laddr.port == port
+    ]
+    assert listeners and {psutil.Process(pid).name() for pid in listeners} == {"haproxy"}
+    assert requests.get(f"{server}/v2/health/live", timeout=TIMEOUT).json() == {"live": True}
+
+
 def test_oip_predict_and_predictor_agree(server: str, registry: str, test_rows: pa.Table) -> None:
     expected = Predictor(registry, "digits-mlp:2").predict_table(test_rows)
     response = post(

@@ -277,6 +277,10 @@ def test_serve_renders_a_rayservice_with_the_built_serve_config(
             "name": render.API_TOKEN_SECRET,
             "key": render.API_TOKEN_KEY,
         }
+        # Serve reads its ingress switches at import, in every Ray process of the cluster.
+        assert env["RAY_SERVE_ENABLE_HA_PROXY"]["value"] == "1"
+        assert env["RAY_SERVE_THROUGHPUT_OPTIMIZED"]["value"] == "1"
+        assert env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"]["value"] == "2"
     ingress = [p for p in documents if p["metadata"]["name"].endswith("-ingress")]
     assert ingress[0]["spec"]["ingress"][0]["ports"] == [{"protocol": "TCP", "port": 8000}]
 
@@ -290,6 +294,19 @@ def test_gpu_replicas_render_gpu_serve_workers(capsys: pytest.CaptureFixture[str
     assert _limits(workers["template"])["nvidia.com/gpu"] == "1"
     assert workers["maxReplicas"] == 6  # 2 versions x 3 replicas x 1 GPU
     assert workers["template"]["spec"]["containers"][0]["image"].endswith("-cuda")
+
+
+def test_http_proxy_ray_renders_serves_python_proxy(capsys: pytest.CaptureFixture[str]) -> None:
+    documents = run(
+        capsys, SERVE, "http.proxy=ray", "http.throughput_optimized=false", "--kind", "serve"
+    )
+    cluster = _one(documents, "RayService")["spec"]["rayClusterConfig"]
+    for group in (cluster["headGroupSpec"], *cluster["workerGroupSpecs"]):
+        env = {e["name"]: e.get("value") for e in group["template"]["spec"]["containers"][0]["env"]}
+        assert (env["RAY_SERVE_ENABLE_HA_PROXY"], env["RAY_SERVE_THROUGHPUT_OPTIMIZED"]) == (
+            "0",
+            "0",
+        )
 
 
 # ---- user errors ------------------------------------------------------------------------------

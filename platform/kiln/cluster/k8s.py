@@ -14,6 +14,7 @@ convention), and spec paths relative to the user's machine move onto the shared 
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import posixpath
@@ -273,6 +274,7 @@ def render_service(spec: Any, options: RenderOptions = RenderOptions()) -> list[
         ],
     }
     _add_api_token(cluster, spec)
+    _add_serve_environment(cluster, spec)
     service = _meta("RayService", "ray.io/v1", name, name, options)
     service["spec"] = {
         "serveConfigV2": yaml.safe_dump(config, sort_keys=False, width=100),
@@ -329,7 +331,21 @@ def _add_api_token(cluster: dict[str, Any], spec: Any) -> None:
     variable = _secret_env(spec.auth.token_env, API_TOKEN_SECRET, API_TOKEN_KEY)
     groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
     for group in groups:
-        group["template"]["spec"]["containers"][0]["env"].append(variable)
+        group["template"]["spec"]["containers"][0]["env"].append(copy.deepcopy(variable))
+
+
+def _add_serve_environment(cluster: dict[str, Any], spec: Any) -> None:
+    """Ray Serve's ingress switches (`http.proxy`, `http.throughput_optimized`) on every Ray
+    container: Serve reads them at import, in the controller, the proxies and the replicas."""
+    from kiln.inference.serve_env import serve_environment
+
+    variables = [
+        {"name": key, "value": value}
+        for key, value in serve_environment(spec.http, local=False).items()
+    ]
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        # Copies: a dict shared between containers would dump as a YAML anchor and alias.
+        group["template"]["spec"]["containers"][0]["env"].extend(dict(v) for v in variables)
 
 
 # ---- network policies ---------------------------------------------------------------------------

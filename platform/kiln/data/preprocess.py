@@ -53,14 +53,21 @@ def _require_columns(table: pa.Table, names: Sequence[str]) -> None:
             )
 
 
+def _float64_values(table: pa.Table, name: str) -> np.ndarray:
+    """float64 values of a numeric or bool column as stored: null becomes NaN, +-inf stays."""
+    column = table.column(name)
+    if column.type != pa.float64():
+        kind = column.type.value_type if pa.types.is_dictionary(column.type) else column.type
+        checks = (pa.types.is_integer, pa.types.is_floating, pa.types.is_boolean)
+        if not any(check(kind) for check in (*checks, pa.types.is_decimal, pa.types.is_null)):
+            raise DataError(f"numeric column {name!r} has type {column.type}, not a number")
+        column = column.cast(pa.float64(), safe=False)
+    return column.to_numpy()
+
+
 def _numeric_values(table: pa.Table, name: str) -> np.ndarray:
     """float64 values of a numeric or bool column; null, NaN and +-inf become NaN."""
-    column = table.column(name)
-    kind = column.type.value_type if pa.types.is_dictionary(column.type) else column.type
-    checks = (pa.types.is_integer, pa.types.is_floating, pa.types.is_boolean, pa.types.is_decimal)
-    if not any(check(kind) for check in checks) and not pa.types.is_null(kind):
-        raise DataError(f"numeric column {name!r} has type {column.type}, not a number")
-    values = column.cast(pa.float64(), safe=False).to_numpy()
+    values = _float64_values(table, name)
     return np.where(np.isfinite(values), values, np.nan)
 
 
@@ -562,6 +569,11 @@ class Preprocessor:
         self.missing = missing
         self.label = label
         self._value_sets: list[pa.Array] | None = None
+        # (k, 1) columns of fill, shift and scale: one vectorized pass over all numeric columns.
+        self._fill, self._shift, self._scale = (
+            np.array([[getattr(c, key)] for c in self.numeric], dtype=np.float64).reshape(-1, 1)
+            for key in ("fill", "shift", "scale")
+        )
 
     # -- shape ---------------------------------------------------------------------------------
 
@@ -605,11 +617,7 @@ class Preprocessor:
                 wrong type, or a label value was not seen in training.
         """
         self._require(table, with_label)
-        x, num_missing = self._numeric_x(table)
-        codes, cat_missing = self._category_codes(table)
-        dropped = self._dropped(table, num_missing, cat_missing, with_label)
-        if self.encoding == "onehot":
-            self._one_hot(x, codes)
+        x, codes, dropped = self._encode(table, with_label)
         keep = None if not dropped.any() else ~dropped
         if keep is not None:
             x, codes = x[keep], codes[keep]
@@ -620,6 +628,23 @@ class Preprocessor:
             column = table.column(self.label.name)
             out["y"] = self._encode_label(column if keep is None else column.filter(keep))
         return out
+
+    def encode_rows(self, table: pa.Table) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Every row's features (no label), in one pass, for prediction.
+
+        Returns:
+            `x` (and `x_cat` with index encoding) for all rows, and the mask of rows that
+            `transform` would drop (a missing feature with `missing: drop`).
+
+        Raises:
+            DataError: A feature column is missing or has the wrong type.
+        """
+        self._require(table, False)
+        x, codes, dropped = self._encode(table, False)
+        out = {"x": x}
+        if self.encoding == "index" and self.categorical:
+            out["x_cat"] = codes + 1
+        return out, dropped
 
     def drop_mask(self, table: pa.Table, *, with_label: bool = True) -> np.ndarray:
         """Boolean mask over the table's rows: True where `transform` drops the row.
@@ -644,23 +669,31 @@ class Preprocessor:
     def _require(self, table: pa.Table, with_label: bool) -> None:
         _require_columns(table, self.features + ([self.label.name] if with_label else []))
 
+    def _encode(
+        self, table: pa.Table, with_label: bool
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """x (one-hot columns set), category codes and the drop mask of every row."""
+        x, num_missing = self._numeric_x(table)
+        codes, cat_missing = self._category_codes(table)
+        dropped = self._dropped(table, num_missing, cat_missing, with_label)
+        if self.encoding == "onehot":
+            self._one_hot(x, codes)
+        return x, codes, dropped
+
     def _numeric_x(self, table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
         """x with its numeric columns filled and scaled (any one-hot columns zero), and whether
-        each row misses a numeric value."""
+        each row misses a numeric value (null, NaN or +-inf)."""
         n, k = table.num_rows, len(self.numeric)
-        block = np.empty((k, n), dtype=np.float32)  # column-major: each column writes contiguously
-        missing = np.zeros(n, dtype=bool)
+        block = np.empty((k, n), dtype=np.float64)  # column-major: each column writes contiguously
         for j, column in enumerate(self.numeric):
-            values = _numeric_values(table, column.name)
-            absent = np.isnan(values)
-            missing |= absent
-            values = np.where(absent, column.fill, values)
-            values -= column.shift
-            values /= column.scale
-            block[j] = values
+            block[j] = _float64_values(table, column.name)
+        absent = ~np.isfinite(block)
+        np.copyto(block, np.broadcast_to(self._fill, block.shape), where=absent)
+        block -= self._shift
+        block /= self._scale
         x = np.zeros((n, self.num_inputs), dtype=np.float32)
         x[:, :k] = block.T
-        return x, missing
+        return x, absent.any(axis=0)
 
     def _category_codes(self, table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
         """Vocabulary index per categorical column (-1: unknown or unfilled missing), and

@@ -71,14 +71,13 @@ class Predictor:
                 scored (a missing value where the model was trained with `missing: drop`),
                 naming the row.
         """
-        dropped = self.preprocessor.drop_mask(table, with_label=False)
+        arrays, dropped = self.preprocessor.encode_rows(table)
         if dropped.any():
             rows = np.flatnonzero(dropped)[:5].tolist()
             raise DataError(
                 f"rows {rows}: missing feature values, and the model was trained with "
                 "data.preprocess.missing: drop"
             )
-        arrays = self.preprocessor.transform(table, with_label=False)
         with torch.inference_mode():
             x = torch.from_numpy(arrays["x"]).to(self.device)
             if "x_cat" in arrays:

