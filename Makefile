@@ -60,7 +60,7 @@ format: install
 	$(BIN)/ruff format platform tests jobs benchmarks
 
 test: lint
-	$(BIN)/pytest tests -q
+	$(BIN)/pytest tests -q --durations=25
 
 test-fast: install
 	$(BIN)/pytest tests -q -m "not slow and not e2e"

@@ -443,6 +443,39 @@ def test_health_check_fails_when_the_model_cannot_predict(registry: str) -> None
         replica.check_health()
 
 
+def test_a_short_forward_pass_runs_on_the_event_loop_a_long_one_in_a_thread(
+    registry: str, test_rows: pa.Table, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kiln.inference import serve as serve_module
+    from kiln.inference.serve import ModelServer
+
+    replica = ModelServer(registry, "digits-mlp:2", "digits", "cpu", 4, 0.0)
+    where: list[str] = []
+    run_batch = replica._run_batch
+
+    def spy(tables: list[pa.Table]) -> list[dict[str, Any]]:
+        where.append(threading.current_thread().name)
+        return run_batch(tables)
+
+    monkeypatch.setattr(replica, "_run_batch", spy)
+    rows = test_rows.select(list(replica.predictor.features)).slice(0, 3)
+
+    async def three_requests() -> list[dict[str, Any]]:
+        # What each batch of Serve's batch queue awaits (the queue needs a Serve replica).
+        return [(await replica._forward([rows]))[0] for _ in range(3)]
+
+    answers = asyncio.run(three_requests())
+    expected = replica.predictor.predict_table(rows)["probabilities"]
+    assert all(np.allclose(a["probabilities"], expected, atol=1e-6) for a in answers)
+    loop_thread = threading.current_thread().name
+    # Unknown cost at first: a thread; then this tiny MLP is measured well under the limit.
+    assert where[0] != loop_thread and where[1:] == [loop_thread, loop_thread]
+    assert replica._forward_s < serve_module._INLINE_FORWARD_S
+    monkeypatch.setattr(serve_module, "_INLINE_FORWARD_S", 0.0)  # as if the model were large
+    asyncio.run(three_requests())
+    assert loop_thread not in where[3:]
+
+
 # ---- the Serve config ----------------------------------------------------------------------------
 
 
