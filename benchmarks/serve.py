@@ -5,19 +5,22 @@
 
 Everything runs on 127.0.0.1. The request is the same JSON body for both servers, one row
 `{"instances": [{feature: value, ...}]}`, and both decode it and encode the answer with kiln's own
-`oip.decode_instances` / `oip.encode_predictions`, so the ratio is what Ray Serve (proxy, ingress
-deployment, model deployment, `@serve.batch`) adds on top of the same work.
+`oip.decode_instances` / `oip.encode_predictions`, so the ratio is what Ray Serve (its ingress,
+the ingress deployment, `@serve.batch`) and kiln's request handling (auth, limits, validation,
+metrics, drift counts) add on top of the same work.
 
 1. Latency: one client, keep-alive connection, `--requests` sequential requests after a warm-up;
    p50 and p99. Goals: kiln/bare p50 <= 1.15, p99 <= 1.3.
 2. Max QPS: `--clients` threads, each with its own keep-alive connection, for `--duration` s.
 3. Batching: kiln QPS at `--clients` with `max_batch_size` 32 against `max_batch_size` 1.
 4. Ray Serve's floor: the latency of a FastAPI Serve app that answers a constant (no model, no
-   kiln code), for context: what any Ray Serve application pays for the proxy hop here.
+   kiln code), for context: what any Ray Serve application pays for its ingress here.
 
 The bare server is `uvicorn` in a subprocess (this file with `--bare-port`) serving POST /predict;
 it runs before Ray starts, so it does not share the CPUs with an idle Ray. The kiln app is
-`build_app` with one model replica (no autoscaling), started in-process with `serve.run`.
+`build_app` with one model replica (no autoscaling), started in-process with `serve.run` behind
+the ingress `kiln serve` would use (`--proxy`, `--throughput-optimized`: kiln's `http.proxy` and
+`http.throughput_optimized`, exported before this process starts Ray, as `kiln serve` does).
 """
 
 from __future__ import annotations
@@ -248,7 +251,7 @@ def _floor_app() -> Any:
 
 def serve_floor(port: int, body: bytes, n: int, warmup: int) -> dict[str, float]:
     """Latency of Ray Serve itself: a FastAPI ingress that reads the body and answers a constant,
-    no model and no kiln code (what any Serve app pays for the proxy hop)."""
+    no model and no kiln code (what any Serve app pays for its ingress)."""
     from ray import serve
 
     serve.run(_floor_app().bind(), name="floor", route_prefix="/")
