@@ -693,7 +693,7 @@ class Preprocessor:
         block /= self._scale
         x = np.zeros((n, self.num_inputs), dtype=np.float32)
         x[:, :k] = block.T
-        return x, absent.any(axis=0)
+        return x, np.asarray(absent.any(axis=0), dtype=bool)
 
     def _category_codes(self, table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
         """Vocabulary index per categorical column (-1: unknown or unfilled missing), and
