@@ -59,6 +59,13 @@ def test_launcher_has_cpu_head_and_autoscaling_gpu_workers_on_the_project_image(
     assert "--gpus all" in config["docker"]["worker_run_options"]
     starts = config["head_start_ray_commands"] + config["worker_start_ray_commands"]
     assert all("RAY_AUTH_MODE=token" in cmd for cmd in starts if "ray start" in cmd)
+    # kiln's serve defaults reach every Ray process (Serve reads them at import).
+    from kiln.inference.serve_env import serve_environment
+    from kiln.inference.serve_spec import HttpSpec
+
+    defaults = serve_environment(HttpSpec(), local=False)
+    for cmd in (c for c in starts if "ray start" in c):
+        assert all(f"{key}={value}" in cmd for key, value in defaults.items()), cmd
     assert "--dashboard-host=127.0.0.1" in " ".join(config["head_start_ray_commands"])
 
 
