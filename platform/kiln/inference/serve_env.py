@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import socket
 import sys
 from typing import Any
 
@@ -22,6 +23,13 @@ logger = logging.getLogger(__name__)
 HAPROXY = "RAY_SERVE_ENABLE_HA_PROXY"
 THROUGHPUT = "RAY_SERVE_THROUGHPUT_OPTIMIZED"
 DRAIN = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"
+# Fixed ports Serve's HAProxy mode also listens on (stats 8404 and metrics 9101 on every
+# interface, the fallback proxy 8500): a second local Ray serving on this machine would collide.
+SIDE_PORTS = (
+    "RAY_SERVE_HAPROXY_STATS_PORT",
+    "RAY_SERVE_HAPROXY_METRICS_PORT",
+    "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
+)
 
 
 def haproxy_binary() -> str | None:
@@ -66,7 +74,35 @@ def serve_environment(http: Any, *, local: bool = True) -> dict[str, str]:
     }
     if haproxy:
         env[DRAIN] = f"{http.drain_s:g}"
+        if local:  # free ones of this machine, unless chosen in the environment
+            env.update({key: os.environ.get(key) or str(free_port()) for key in SIDE_PORTS})
     return env
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        return int(probe.getsockname()[1])
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Refuse a port something already listens on, before any Ray process starts.
+
+    Raises:
+        KilnError: naming http.host:http.port.
+    """
+    from kiln.errors import KilnError
+
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise KilnError(
+                f"http: cannot listen on {host}:{port} ({exc.strerror}); another server holds "
+                "it: choose another with --port (or http.port)"
+            ) from None
 
 
 def apply_serve_environment(http: Any) -> dict[str, str]:
