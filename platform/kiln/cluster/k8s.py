@@ -335,8 +335,8 @@ def _add_api_token(cluster: dict[str, Any], spec: Any) -> None:
 
 
 def _add_serve_environment(cluster: dict[str, Any], spec: Any) -> None:
-    """Ray Serve's ingress switches (`http.proxy`, `http.throughput_optimized`) on every Ray
-    container: Serve reads them at import, in the controller, the proxies and the replicas."""
+    """Ray Serve's ingress switches (`http.proxy`, `http.throughput_optimized`, `http.drain_s`)
+    on every Ray container: Serve reads them at import, in the controller, proxies and replicas."""
     from kiln.inference.serve_env import serve_environment
 
     variables = [

@@ -1,5 +1,5 @@
 """Which HTTP ingress Ray Serve runs, chosen by process environment (`http.proxy`,
-`http.throughput_optimized`).
+`http.throughput_optimized`, `http.drain_s`).
 
 Ray Serve reads these switches once, when its controller, proxies and replicas import it, so they
 belong in the environment of every Ray process: `kiln serve` sets them before it starts its own
