@@ -491,13 +491,15 @@ def _timed(pre: Preprocessor, table: pa.Table) -> float:
     return time.perf_counter() - start
 
 
+@pytest.mark.parametrize("float_type", [pa.float64(), pa.float32()])
 @pytest.mark.parametrize("encoding", ["onehot", "index"])
-def test_encode_rows_matches_a_row_by_row_reference(encoding):
-    # The one vectorized pass against a value-by-value reference: floats with null, NaN and inf,
-    # ints with null (cast); each value filled, shifted and scaled on its own.
+def test_encode_rows_matches_a_row_by_row_reference(encoding, float_type):
+    # The one vectorized pass against a value-by-value reference: floats with null, NaN and inf
+    # (float32 is widened without a cast, as `kiln score` passes it), ints with null (cast);
+    # each value filled, shifted and scaled on its own.
     table = pa.table(
         {
-            "a": pa.array([1.5, None, float("nan"), float("inf"), -2.0, 7.25]),
+            "a": pa.array([1.5, None, float("nan"), float("inf"), -2.0, 7.25], float_type),
             "b": pa.array([3, None, 5, 9, 0, 1], type=pa.int32()),
             "color": ["red", "blue", None, "teal", "red", "mauve"],
             "y": ["cat", "dog", "eel", "cat", "dog", "eel"],

@@ -65,6 +65,15 @@ def _float64_values(table: pa.Table, name: str) -> np.ndarray:
     return column.to_numpy()
 
 
+def _float_values(table: pa.Table, name: str) -> np.ndarray:
+    """`_float64_values`, except that a float32 column stays float32 (null as NaN): for writing
+    into a float64 array, which widens it without an intermediate copy."""
+    column = table.column(name)
+    if pa.types.is_floating(column.type):
+        return column.to_numpy()
+    return _float64_values(table, name)
+
+
 def _numeric_values(table: pa.Table, name: str) -> np.ndarray:
     """float64 values of a numeric or bool column; null, NaN and +-inf become NaN."""
     values = _float64_values(table, name)
@@ -686,7 +695,7 @@ class Preprocessor:
         n, k = table.num_rows, len(self.numeric)
         block = np.empty((k, n), dtype=np.float64)  # column-major: each column writes contiguously
         for j, column in enumerate(self.numeric):
-            block[j] = _float64_values(table, column.name)
+            block[j] = _float_values(table, column.name)
         absent = ~np.isfinite(block)
         np.copyto(block, np.broadcast_to(self._fill, block.shape), where=absent)
         block -= self._shift

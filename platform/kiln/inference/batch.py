@@ -41,16 +41,31 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
-import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from kiln import metrics as kiln_metrics
 from kiln import storage
 from kiln.data.source import FileSet, resolve_files
 from kiln.errors import DataError, KilnError, RegistryError
-from kiln.inference.lm import Completion, GenerationRequest, LMPredictor, is_language_model
+from kiln.inference.batch_read import (
+    DEFAULT_KEY,
+    ERROR,
+    FAILURES,
+    FILE,
+    READS,
+    ROW,
+    GenerateOptions,
+    Item,
+    Job,
+    RowCounter,
+    is_number_like,
+    is_scalar,
+    is_text,
+    read_items,
+    record_failure,
+)
+from kiln.inference.lm import Completion, LMPredictor, is_language_model
 from kiln.inference.predictor import Predictor
 from kiln.monitor.drift import Thresholds, drift_report
 from kiln.monitor.profile import PROFILE_FILE, Binner, Profile
@@ -60,24 +75,13 @@ logger = logging.getLogger(__name__)
 
 SUCCESS = "_SUCCESS"
 ERRORS = "_errors"
-DEFAULT_KEY = "key"
-"""Name of the output key column when `key` is None: the input row position `file:row`."""
 ON_ERROR = ("fail", "quarantine")
 
-_READS = "_reads"  # per read item: rows read (removed before the commit)
-_FAILURES = "_failures"  # the bad row that failed the job (fail mode; the staging dir is deleted)
 DRIFT = "_drift.json"
 """Drift of the scored input against the model's training profile, beside the output."""
 _DRIFT_PARTS = "_drift_parts"  # per batch: bin counts of its scored rows (removed before commit)
-_FILE, _ROW, _ERROR = "__file", "__row", "__error"
-_ITEM_ROWS = 1 << 17  # parquet row groups are grouped into read items of about this many rows
-_READ_ROWS = 1 << 16  # rows per table a reader yields
-_TEXT_BLOCK = 4 << 20  # bytes of csv/jsonl parsed at a time
-_MAX_LINE = 64 << 20
+_ITEM_ROWS = 1 << 18  # parquet row groups are grouped into read items of about this many rows
 _PROGRESS_S = 0.5  # least seconds between an actor's progress counts
-# pyarrow's CSV null markers: read as text, a numeric column treats these as missing, exactly as
-# type inference would have.
-_NULL_TOKENS = pa.array(pacsv.ConvertOptions().null_values, type=pa.string())
 _OUTPUT_COLUMNS = ("prediction", "model")
 TASKS = ("predict", "generate")
 _GENERATE_COLUMNS = (
@@ -88,56 +92,6 @@ _GENERATE_COLUMNS = (
     ("finish_reason", pa.string()),
     ("model", pa.string()),
 )
-
-
-@dataclass(frozen=True)
-class GenerateOptions:
-    """Batch generation (`task="generate"`): which column holds the prompts, and how to sample.
-    The same options for every row; with a seed, a row's text does not depend on its batch."""
-
-    prompt_column: str = "prompt"
-    """Input column of prompt text (one completion per row)."""
-    max_tokens: int = 16
-    """Most tokens generated per prompt; prompt plus max_tokens must fit the context."""
-    temperature: float = 0.0
-    """0 is greedy decoding (the same text as the endpoint and the predictor give)."""
-    top_p: float | None = None
-    """Nucleus sampling threshold in (0, 1]."""
-    top_k: int | None = None
-    """Sample from the k most likely tokens."""
-    stop: tuple[str, ...] = ()
-    """Strings that end a completion (cut from the text)."""
-    seed: int | None = None
-    """Sampling seed, the same for every row (the same prompt gives the same text)."""
-
-    def check(self) -> None:
-        """Raises KilnError naming the flag of an option out of range."""
-        problems = [
-            (self.max_tokens < 1, f"--max-tokens must be at least 1, got {self.max_tokens}"),
-            (self.temperature < 0, f"--temperature must be >= 0, got {self.temperature}"),
-            (
-                self.top_p is not None and not 0.0 < self.top_p <= 1.0,
-                f"--top-p must be in (0, 1], got {self.top_p}",
-            ),
-            (self.top_k is not None and self.top_k < 1, f"--top-k must be >= 1, got {self.top_k}"),
-            (any(not s for s in self.stop), "--stop: a stop sequence must not be empty"),
-            (not self.prompt_column, "--prompt-column must name a column"),
-        ]
-        for failed, message in problems:
-            if failed:
-                raise KilnError(message)
-
-    def request(self, prompt: str) -> GenerationRequest:
-        """The predictor's request for one prompt."""
-        return GenerationRequest(
-            prompt=prompt,
-            max_tokens=self.max_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            stop=list(self.stop),
-            seed=self.seed,
-        )
 
 
 @dataclass(frozen=True)
@@ -159,54 +113,6 @@ class ScoreSummary:
     drift: dict[str, Any] | None = None
     """Drift of the scored rows against the training profile (`samples`, `over`, `verdict`;
     every feature in `OUT/_drift.json`); None when the model has no profile."""
-
-
-@dataclass(frozen=True)
-class _Item:
-    """One read task: a whole csv/jsonl file, or some row groups of a parquet file."""
-
-    file: int
-    row_groups: tuple[int, ...] | None
-    first_row: int
-
-
-@dataclass(frozen=True)
-class _Job:
-    """Everything the read tasks and scoring actors need (pickled into them)."""
-
-    fmt: str
-    filesystem: pafs.FileSystem
-    paths: tuple[str, ...]
-    names: tuple[str, ...]
-    """File names in keys: relative to the input location, so they do not depend on the cwd."""
-    shown: tuple[str, ...]
-    """File names in messages, as the user would recognise them."""
-    items: tuple[_Item, ...]
-    numeric: tuple[str, ...]
-    categorical: tuple[str, ...]
-    key: str | None
-    key_type: pa.DataType
-    output_schema: pa.Schema
-    out_fs: pafs.FileSystem
-    staging: str
-    registry: str
-    model: str
-    device: str
-    on_error: str
-    generate: GenerateOptions | None = None
-    """Batch generation options; None for scoring."""
-    counter: Any = None
-    """The driver's progress counter (a `_RowCounter` actor) the scoring actors add to."""
-
-    @property
-    def key_name(self) -> str:
-        return self.key or DEFAULT_KEY
-
-    @property
-    def columns(self) -> list[str]:
-        """Input columns read: the features, then the key column unless it is a feature."""
-        features = [*self.numeric, *self.categorical]
-        return features + ([self.key] if self.key and self.key not in features else [])
 
 
 def score(
@@ -411,21 +317,28 @@ def _plan(
     registry: str,
     on_error: str,
     num_gpus: float,
-) -> tuple[_Job, int | None]:
+) -> tuple[Job, int | None]:
     """The job description and the rows expected (parquet footers; None for csv/jsonl)."""
     numeric, categorical = plan.numeric, plan.categorical
     needed = [*numeric, *categorical] + ([key] if key and key not in numeric + categorical else [])
     if files.format == "parquet":
         text_only = plan.generate is not None
-        items, key_type, expected = _plan_parquet(files, numeric, categorical, key, text_only)
+        items, key_type, float_types, expected = _plan_parquet(
+            files, numeric, categorical, key, text_only
+        )
     else:
         with ThreadPoolExecutor(max_workers=max(1, min(16, len(files.paths)))) as pool:
             list(pool.map(lambda path: _check_text_head(files, path, needed), files.paths))
-        items = tuple(_Item(i, None, 0) for i in range(len(files.paths)))
+        items = tuple(Item(i, None, 0) for i in range(len(files.paths)))
         key_type, expected = pa.string(), None
+        float_types = tuple(pa.float64() for _ in numeric)  # parsed from text
     if key in numeric or key in categorical:  # the key column is then the normalised feature
         key_type = pa.float64() if key in numeric else pa.string()
-    job = _Job(
+        float_types = tuple(
+            pa.float64() if name == key else dtype
+            for name, dtype in zip(numeric, float_types, strict=True)
+        )
+    job = Job(
         fmt=files.format,
         filesystem=files.filesystem,
         paths=files.paths,
@@ -433,6 +346,7 @@ def _plan(
         shown=tuple(files.display(path) for path in files.paths),
         items=items,
         numeric=numeric,
+        float_types=float_types,
         categorical=categorical,
         key=key,
         key_type=key_type,
@@ -480,13 +394,18 @@ def _plan_parquet(
     categorical: tuple[str, ...],
     key: str | None,
     text_only: bool = False,
-) -> tuple[tuple[_Item, ...], pa.DataType, int]:
+) -> tuple[tuple[Item, ...], pa.DataType, tuple[pa.DataType, ...], int]:
     """Check every footer's columns (`text_only`: the categorical columns must be text, as
-    prompts are), and split files into items of whole row groups."""
+    prompts are), and split files into items of whole row groups.
+
+    Returns:
+        The items, the key's type, each numeric feature's type in the blocks (float32 where
+        every file stores float32, so a read task does not widen it; else float64), the rows.
+    """
     accepts, what = (
-        (_is_text, "text (the prompts)")
+        (is_text, "text (the prompts)")
         if text_only
-        else (_is_scalar, "a category (text, number or bool)")
+        else (is_scalar, "a category (text, number or bool)")
     )
 
     def footer(path: str) -> pq.FileMetaData:
@@ -501,34 +420,38 @@ def _plan_parquet(
     with ThreadPoolExecutor(max_workers=max(1, min(16, len(files.paths)))) as pool:
         footers = list(pool.map(footer, files.paths))
     key_types = []
-    items: list[_Item] = []
+    float32 = dict.fromkeys(numeric, True)
+    items: list[Item] = []
     for index, (path, meta) in enumerate(zip(files.paths, footers, strict=True)):
         schema = meta.schema.to_arrow_schema()
         shown = files.display(path)
         for name in numeric:
-            _check_column(schema, name, shown, _is_number_like, "a number")
+            dtype = _check_column(schema, name, shown, is_number_like, "a number")
+            value_type = dtype.value_type if pa.types.is_dictionary(dtype) else dtype
+            float32[name] = float32[name] and value_type == pa.float32()
         for name in categorical:
             _check_column(schema, name, shown, accepts, what)
         if key:
-            key_types.append(_check_column(schema, key, shown, _is_scalar, "a key"))
+            key_types.append(_check_column(schema, key, shown, is_scalar, "a key"))
         items.extend(_row_group_items(index, meta))
     expected = sum(meta.num_rows for meta in footers)
     if expected == 0:
         raise DataError(f"--input: {files.location!r} has no rows")
-    return tuple(items), _key_type(key_types), expected
+    float_types = tuple(pa.float32() if float32[name] else pa.float64() for name in numeric)
+    return tuple(items), _key_type(key_types), float_types, expected
 
 
-def _row_group_items(file: int, meta: pq.FileMetaData) -> Iterator[_Item]:
+def _row_group_items(file: int, meta: pq.FileMetaData) -> Iterator[Item]:
     group: list[int] = []
     first = rows = 0
     for i in range(meta.num_row_groups):
         group.append(i)
         rows += meta.row_group(i).num_rows
         if rows - first >= _ITEM_ROWS:
-            yield _Item(file, tuple(group), first)
+            yield Item(file, tuple(group), first)
             group, first = [], rows
     if group:
-        yield _Item(file, tuple(group), first)
+        yield Item(file, tuple(group), first)
 
 
 def _check_column(schema: pa.Schema, name: str, shown: str, accepts: Any, what: str) -> pa.DataType:
@@ -540,26 +463,6 @@ def _check_column(schema: pa.Schema, name: str, shown: str, accepts: Any, what: 
     if not accepts(dtype):
         raise DataError(f"--input: column {name!r} is {dtype} in {shown}; the model reads {what}")
     return dtype
-
-
-def _is_number_like(dtype: pa.DataType) -> bool:
-    if pa.types.is_dictionary(dtype):
-        return _is_number_like(dtype.value_type)
-    checks = (pa.types.is_integer, pa.types.is_floating, pa.types.is_boolean, pa.types.is_decimal)
-    return pa.types.is_null(dtype) or any(check(dtype) for check in checks)
-
-
-def _is_text(dtype: pa.DataType) -> bool:
-    if pa.types.is_dictionary(dtype):
-        return _is_text(dtype.value_type)
-    return pa.types.is_string(dtype) or pa.types.is_large_string(dtype) or pa.types.is_null(dtype)
-
-
-def _is_scalar(dtype: pa.DataType) -> bool:
-    if pa.types.is_dictionary(dtype):
-        return _is_scalar(dtype.value_type)
-    text = pa.types.is_string(dtype) or pa.types.is_large_string(dtype)
-    return text or _is_number_like(dtype)
 
 
 def _key_type(types: list[pa.DataType]) -> pa.DataType:
@@ -624,7 +527,7 @@ def _staging_path(out_path: str) -> str:
     return storage.join(parent, f".{name}.staging-{uuid.uuid4().hex[:12]}")
 
 
-def _write_success(job: _Job, summary: ScoreSummary, files: FileSet) -> None:
+def _write_success(job: Job, summary: ScoreSummary, files: FileSet) -> None:
     document = {
         **asdict(summary),
         "input": files.location,
@@ -636,7 +539,7 @@ def _write_success(job: _Job, summary: ScoreSummary, files: FileSet) -> None:
         **({"generation": asdict(job.generate)} if job.generate else {}),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    _delete_dir(job.out_fs, storage.join(job.staging, _READS))
+    _delete_dir(job.out_fs, storage.join(job.staging, READS))
     data = (json.dumps(document, indent=2) + "\n").encode()
     storage.write_bytes(job.out_fs, storage.join(job.staging, SUCCESS), data)
 
@@ -686,7 +589,7 @@ def _load_profile(registry: str, model: str) -> Profile | None:
         return None
 
 
-def _write_drift(job: _Job) -> dict[str, Any] | None:
+def _write_drift(job: Job) -> dict[str, Any] | None:
     """Merge the batches' bin counts into `_drift.json` in the staging directory (committed
     with the output); returns its summary. None for generation or a model without profile."""
     profile = None if job.generate else _load_profile(job.registry, job.model)
@@ -724,11 +627,11 @@ def _parquet_rows(fs: pafs.FileSystem, directory: str) -> int:
     return total
 
 
-def _reconcile(job: _Job, expected: int | None) -> tuple[int, int, int]:
+def _reconcile(job: Job, expected: int | None) -> tuple[int, int, int]:
     """Rows read (from the readers' counts), written and quarantined (from the files)."""
     counts: dict[int, int] = {}
     reads = job.out_fs.get_file_info(
-        pafs.FileSelector(storage.join(job.staging, _READS), allow_not_found=True)
+        pafs.FileSelector(storage.join(job.staging, READS), allow_not_found=True)
     )
     for info in reads:
         document = json.loads(storage.read_bytes(job.out_fs, info.path))
@@ -755,7 +658,7 @@ def _reconcile(job: _Job, expected: int | None) -> tuple[int, int, int]:
 
 
 def _run(
-    job: _Job,
+    job: Job,
     batch_size: int,
     concurrency: tuple[int, int],
     resources: dict[str, float],
@@ -774,7 +677,7 @@ def _run(
     job = replace(job, counter=counter)
     items = [{"item": i} for i in range(len(job.items))]
     dataset: ray.data.Dataset = ray.data.from_items(items, override_num_blocks=len(items))
-    reader: Any = _read_items  # a generator of tables: Ray's stubs want a function
+    reader: Any = read_items  # a generator of tables: Ray's stubs want a function
     dataset = dataset.map_batches(
         reader,
         batch_size=1,
@@ -811,21 +714,7 @@ def _run(
     logger.debug("Ray Data stats:\n%s", dataset.stats())
 
 
-class _RowCounter:
-    """Rows the scoring actors have finished, scored or set aside: only a progress count (the
-    job's own counts come from the files it wrote)."""
-
-    def __init__(self) -> None:
-        self.rows = 0
-
-    def add(self, rows: int) -> None:
-        self.rows += rows
-
-    def total(self) -> int:
-        return self.rows
-
-
-def _rows_done(job: _Job) -> int:
+def _rows_done(job: Job) -> int:
     """Rows written so far, scored or set aside (from the files' footers)."""
     return _parquet_rows(job.out_fs, job.staging) + _parquet_rows(
         job.out_fs, storage.join(job.staging, ERRORS)
@@ -833,12 +722,12 @@ def _rows_done(job: _Job) -> int:
 
 
 def _start_counter(progress: Any, expected: int | None) -> Any:
-    """A `_RowCounter` actor (no CPU) that `progress` polls; None when progress is off."""
+    """A `RowCounter` actor (no CPU) that `progress` polls; None when progress is off."""
     import ray
 
     if progress.mode == "off":
         return None
-    counter: Any = ray.remote(num_cpus=0)(_RowCounter).remote()
+    counter: Any = ray.remote(num_cpus=0)(RowCounter).remote()
 
     def poll() -> int:
         rows = int(ray.get(counter.total.remote(), timeout=10))
@@ -848,16 +737,9 @@ def _start_counter(progress: Any, expected: int | None) -> Any:
     return counter
 
 
-def _record_failure(job: _Job, name: str, message: str) -> None:
-    """Leave the message where the driver finds it: Ray Data passes only the error's text."""
-    path = storage.join(job.staging, _FAILURES, f"{name}.json")
-    job.out_fs.create_dir(posixpath.dirname(path), recursive=True)
-    storage.write_bytes(job.out_fs, path, json.dumps({"message": message}).encode())
-
-
-def _recorded_failure(job: _Job) -> str | None:
+def _recorded_failure(job: Job) -> str | None:
     """The message of the first bad row that failed the job (a Ray Data error keeps only text)."""
-    directory = storage.join(job.staging, _FAILURES)
+    directory = storage.join(job.staging, FAILURES)
     try:
         infos = job.out_fs.get_file_info(pafs.FileSelector(directory, allow_not_found=True))
     except OSError:
@@ -892,184 +774,6 @@ def _quiet_data_errors() -> Iterator[None]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading: every row carries its file index, its row within the file, and any read error
-
-
-def _read_items(batch: pa.Table, job: _Job) -> Iterator[pa.Table]:
-    """Read the planned items named in `batch`, then record how many rows each gave."""
-    readers = {"parquet": _parquet_tables, "csv": _csv_tables, "jsonl": _jsonl_tables}
-    for index in batch.column("item").to_pylist():
-        item = job.items[index]
-        rows = item.first_row
-        try:
-            for table, errors in readers[job.fmt](job, item):
-                yield _normalize(job, table, errors, item.file, rows)
-                rows += table.num_rows
-        except DataError as exc:
-            _record_failure(job, f"{item.file:08d}-read-{index:08d}", str(exc))
-            raise
-        document = {"item": index, "rows": rows - item.first_row}
-        path = storage.join(job.staging, _READS, f"{index:08d}.json")
-        job.out_fs.create_dir(posixpath.dirname(path), recursive=True)
-        storage.write_bytes(job.out_fs, path, json.dumps(document).encode())
-
-
-def _parquet_tables(job: _Job, item: _Item) -> Iterator[tuple[pa.Table, dict[int, str]]]:
-    path = job.paths[item.file]
-    try:
-        with job.filesystem.open_input_file(path) as handle:
-            parquet = pq.ParquetFile(handle)
-            for batch in parquet.iter_batches(
-                batch_size=_READ_ROWS,
-                row_groups=list(item.row_groups or range(parquet.num_row_groups)),
-                columns=job.columns,
-                use_threads=False,
-            ):
-                yield pa.Table.from_batches([batch]), {}
-    except (pa.ArrowException, OSError) as exc:
-        raise DataError(f"{job.shown[item.file]}: cannot read parquet ({exc})") from exc
-
-
-def _csv_tables(job: _Job, item: _Item) -> Iterator[tuple[pa.Table, dict[int, str]]]:
-    """Numeric and key columns are read as text and converted per value in `_normalize`, so one
-    bad value is one bad row, not an unreadable file."""
-    text = [*job.numeric, *([job.key] if job.key else [])]
-    convert = pacsv.ConvertOptions(
-        include_columns=job.columns, column_types={name: pa.string() for name in text}
-    )
-    read = pacsv.ReadOptions(use_threads=False, block_size=_TEXT_BLOCK)
-    shown = job.shown[item.file]
-    try:
-        with job.filesystem.open_input_stream(job.paths[item.file]) as stream:
-            for batch in pacsv.open_csv(stream, read_options=read, convert_options=convert):
-                yield pa.Table.from_batches([batch]), {}
-    except (pa.ArrowException, OSError) as exc:
-        raise DataError(
-            f"{shown}: cannot be read as CSV ({exc}); a row with the wrong number of fields "
-            "breaks the file's structure, so it cannot be set aside"
-        ) from exc
-
-
-def _jsonl_tables(job: _Job, item: _Item) -> Iterator[tuple[pa.Table, dict[int, str]]]:
-    """Blocks of whole lines, parsed by Arrow; a block Arrow refuses is parsed line by line so
-    that a bad line becomes one bad row."""
-    shown = job.shown[item.file]
-    try:
-        with job.filesystem.open_input_stream(job.paths[item.file]) as stream:
-            rest = b""
-            while True:
-                data = stream.read(_TEXT_BLOCK)
-                if not data:  # end of file: whatever is left is the last line
-                    if rest.strip():
-                        yield _parse_json_block(job, rest)
-                    return
-                block = rest + data
-                cut = block.rfind(b"\n") + 1
-                if cut == 0 and len(block) > _MAX_LINE:
-                    raise DataError(f"{shown}: a line is longer than {_MAX_LINE >> 20} MB")
-                block, rest = block[:cut], block[cut:]
-                if block.strip():
-                    yield _parse_json_block(job, block)
-    except OSError as exc:
-        raise DataError(f"{shown}: cannot read ({exc})") from exc
-
-
-def _parse_json_block(job: _Job, block: bytes) -> tuple[pa.Table, dict[int, str]]:
-    options = pajson.ReadOptions(use_threads=False, block_size=len(block) + 1)
-    try:
-        table = pajson.read_json(pa.BufferReader(block), read_options=options)
-    except pa.ArrowInvalid:
-        pass
-    else:
-        present = [name for name in job.columns if name in table.column_names]
-        if all(_is_scalar(table.schema.field(name).type) for name in present):
-            return table.select(present), {}
-        # a list or object where a value belongs: parse line by line, so it is a bad row
-    values: dict[str, list[Any]] = {name: [] for name in job.columns}
-    errors: dict[int, str] = {}
-    lines = [line for line in block.split(b"\n") if line.strip()]
-    for row, line in enumerate(lines):
-        try:
-            record = json.loads(line)
-        except ValueError as exc:
-            errors[row], record = f"not valid JSON ({exc}): {_clip(line)}", {}
-        if not isinstance(record, dict):
-            errors[row], record = f"not a JSON object: {_clip(line)}", {}
-        for name in job.columns:
-            values[name].append(_json_text(record.get(name)))
-    return pa.table({n: pa.array(v, type=pa.string()) for n, v in values.items()}), errors
-
-
-def _json_text(value: Any) -> str | None:
-    if value is None or isinstance(value, str):
-        return value
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return json.dumps(value)
-
-
-def _clip(line: bytes, limit: int = 200) -> str:
-    text = line.decode("utf-8", errors="replace").strip()
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-def _normalize(
-    job: _Job, table: pa.Table, errors: dict[int, str], file: int, first_row: int
-) -> pa.Table:
-    """One schema for every block: numeric features float64, categorical text, the key in its
-    planned type, plus `__file`, `__row` and `__error` (why the row cannot be scored, or null)."""
-    n = table.num_rows
-    columns: dict[str, pa.Array] = {
-        _FILE: pa.array(np.full(n, file, dtype=np.int32)),
-        _ROW: pa.array(np.arange(first_row, first_row + n, dtype=np.int64)),
-    }
-    reasons = dict(errors)
-    for name in job.numeric:
-        values, bad = _to_float(_column(table, name, n), name)
-        columns[name] = values
-        for row, reason in bad.items():
-            reasons.setdefault(row, reason)
-    for name in job.categorical:
-        columns[name] = _column(table, name, n).cast(pa.string())
-    if job.key and job.key not in columns:
-        columns[job.key] = _column(table, job.key, n).cast(job.key_type)
-    error = [reasons.get(row) for row in range(n)] if reasons else None
-    columns[_ERROR] = pa.array(error, type=pa.string()) if error else pa.nulls(n, pa.string())
-    return pa.table(columns)
-
-
-def _column(table: pa.Table, name: str, n: int) -> pa.Array:
-    if name not in table.column_names:
-        return pa.nulls(n)  # jsonl: a key absent from every line of this block
-    column = table.column(name).combine_chunks()
-    return column.dictionary_decode() if pa.types.is_dictionary(column.type) else column
-
-
-def _to_float(column: pa.Array, name: str) -> tuple[pa.Array, dict[int, str]]:
-    """float64 values; text is parsed (pyarrow's null markers are missing values) and each value
-    that is not a number is reported by row."""
-    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
-        return column.cast(pa.float64(), safe=False), {}
-    column = column.cast(pa.string())
-    column = pc.if_else(
-        pc.is_in(column, value_set=_NULL_TOKENS), pa.scalar(None, pa.string()), column
-    )
-    try:
-        return column.cast(pa.float64()), {}
-    except pa.ArrowInvalid:
-        pass
-    values: list[float | None] = []
-    bad: dict[int, str] = {}
-    for row, text in enumerate(column.to_pylist()):
-        try:
-            values.append(None if text is None else float(text))
-        except ValueError:
-            values.append(None)
-            bad[row] = f"column {name!r}: {_clip(text.encode(), 80)!r} is not a number"
-    return pa.array(values, type=pa.float64()), bad
-
-
-# ---------------------------------------------------------------------------------------------
 # Scoring
 
 
@@ -1077,7 +781,7 @@ class _RowActor:
     """What the scoring and generation actors share: row keys, the checks that need no model,
     and setting bad rows aside (or failing the job on the first)."""
 
-    def __init__(self, job: _Job) -> None:
+    def __init__(self, job: Job) -> None:
         self.job = job
         self.names = pa.array(job.names, type=pa.string())
         tags = kiln_metrics.model_tags(job.model)
@@ -1102,7 +806,7 @@ class _RowActor:
     def _row_problems(self, batch: pa.Table) -> dict[int, str]:
         """Rows that cannot be used (unreadable, or an empty key), with the reason."""
         reasons: dict[int, str] = {}
-        errors = batch.column(_ERROR)
+        errors = batch.column(ERROR)
         if errors.null_count < len(errors):
             reasons = {i: r for i, r in enumerate(errors.to_pylist()) if r is not None}
         if self.job.key:
@@ -1117,15 +821,15 @@ class _RowActor:
     def _keys(self, batch: pa.Table) -> pa.Array:
         if self.job.key:
             return batch.column(self.job.key).combine_chunks()
-        files = pc.take(self.names, batch.column(_FILE))
-        rows = pc.cast(batch.column(_ROW), pa.string())
+        files = pc.take(self.names, batch.column(FILE))
+        rows = pc.cast(batch.column(ROW), pa.string())
         return pc.binary_join_element_wise(files, rows, ":").combine_chunks()
 
     def _set_aside(self, batch: pa.Table, reasons: dict[int, str]) -> None:
         rows = sorted(reasons)
         bad = batch.take(rows)
-        files = bad.column(_FILE).to_pylist()
-        positions = bad.column(_ROW).to_pylist()
+        files = bad.column(FILE).to_pylist()
+        positions = bad.column(ROW).to_pylist()
         first = f"{files[0]:08d}-{positions[0]:012d}"
         if self.job.on_error == "fail":
             more = len(rows) - 1
@@ -1134,13 +838,13 @@ class _RowActor:
                 f"{self.job.shown[files[0]]}: row {positions[0]}: {reasons[rows[0]]}{more_text}; "
                 "rerun with --on-error quarantine to set bad rows aside and score the rest"
             )
-            _record_failure(self.job, first, message)
+            record_failure(self.job, first, message)
             raise DataError(message)
         columns: dict[str, pa.Array] = {
             self.job.key_name: self._keys(bad).cast(pa.string()),
             "reason": pa.array([reasons[row] for row in rows], type=pa.string()),
             "file": pa.array([self.job.shown[f] for f in files], type=pa.string()),
-            "row": bad.column(_ROW),
+            "row": bad.column(ROW),
         }
         for name in self.job.columns:
             if name != self.job.key:
@@ -1155,7 +859,7 @@ class _RowActor:
 class ScoringActor(_RowActor):
     """A Ray Data actor holding one `Predictor`: scores batches, sets bad rows aside."""
 
-    def __init__(self, job: _Job) -> None:
+    def __init__(self, job: Job) -> None:
         super().__init__(job)
         self.predictor = Predictor(job.registry, job.model, device=job.device)
         self.drop_missing = self.predictor.preprocessor.missing == "drop"
@@ -1182,7 +886,7 @@ class ScoringActor(_RowActor):
         if self.binner is None or batch.num_rows == 0:
             return
         counts = self.binner.count(scored).tolist()
-        first = f"{batch.column(_FILE)[0].as_py():08d}-{batch.column(_ROW)[0].as_py():012d}"
+        first = f"{batch.column(FILE)[0].as_py():08d}-{batch.column(ROW)[0].as_py():012d}"
         path = storage.join(self.job.staging, _DRIFT_PARTS, f"{first}.json")
         self.job.out_fs.create_dir(posixpath.dirname(path), recursive=True)
         storage.write_bytes(self.job.out_fs, path, json.dumps(counts).encode())
@@ -1246,7 +950,7 @@ class GenerationActor(_RowActor):
     """A Ray Data actor holding one `LMPredictor`: completes each row's prompt, sets aside rows
     without a prompt or with one the model cannot complete."""
 
-    def __init__(self, job: _Job) -> None:
+    def __init__(self, job: Job) -> None:
         super().__init__(job)
         assert job.generate is not None
         self.options = job.generate
