@@ -6,6 +6,9 @@ checks) and then runs::
     from_items(read plan) -> read each file chunk (every row tagged with its file and position)
         -> actor pool of Predictors (map_batches) -> Parquet in a staging directory
 
+The read tasks run `kiln.inference.batch_read`, which does not import torch: only the scoring
+actors pay for it.
+
 Rows that cannot be scored fail the job, naming the file and row, or are set aside in
 `_errors/`. With `task="generate"` a language model completes each row's prompt instead (an
 actor pool of `LMPredictor`s); a null prompt, or one the model cannot complete (too long for the
