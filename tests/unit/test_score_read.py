@@ -86,9 +86,14 @@ def test_a_numeric_key_column_keeps_float64(tmp_path: Path) -> None:
     assert job.key_type == pa.float64()
 
 
-def test_a_read_task_does_not_import_torch() -> None:
-    # Ray Data's read tasks unpickle `Job` and `read_items`: importing their module must not
-    # pull in torch (over a second per fresh worker process on two cores).
+def test_read_tasks_and_the_progress_counter_do_not_import_torch() -> None:
+    # Ray pickles these by reference: a read task (and the progress counter's own actor process)
+    # imports their module, which must not pull in torch (over a second of CPU per fresh worker
+    # process; the counter importing it cost every job about 3 s on two cores).
+    from kiln.inference import batch, batch_read
+
+    shipped = [batch.Job, batch.Item, batch.GenerateOptions, batch.RowCounter, batch.read_items]
+    assert {thing.__module__ for thing in shipped} == {batch_read.__name__}
     code = (
         "import sys, kiln.inference.batch_read, kiln.inference; "
         "print('torch' in sys.modules, 'kiln.inference.predictor' in sys.modules)"
