@@ -527,3 +527,27 @@ def test_encode_rows_matches_a_row_by_row_reference(encoding, float_type):
             np.testing.assert_array_equal(dropped, expected_missing | color_missing)
         else:
             assert not dropped.any()
+
+
+def test_encode_rows_reads_every_kind_of_number_column_alike():
+    # Plain int and float columns go through one Arrow call; bool, dictionary and decimal
+    # columns value by value: the same numbers must give the same inputs either way.
+    import decimal
+
+    pre = _fit(_table())
+    a = [1.5, None, 3.0, 0.0]
+    b = [1, 0, None, 1]
+    plain = pa.table({"a": pa.array(a, pa.float32()), "b": pa.array(b, pa.int8())})
+    others = pa.table(
+        {
+            "a": pa.array([None if v is None else decimal.Decimal(str(v)) for v in a]),
+            "b": pa.array([None if v is None else bool(v) for v in b]),
+        }
+    )
+    dictionary = pa.table({"a": pa.array(a).dictionary_encode(), "b": pa.array(b, pa.int64())})
+    color = pa.array(["red", "blue", None, "teal"])
+    expected, expected_dropped = pre.encode_rows(plain.append_column("color", color))
+    for table in (others, dictionary, plain.slice(0, 0)):
+        arrays, dropped = pre.encode_rows(table.append_column("color", color[: table.num_rows]))
+        np.testing.assert_array_equal(arrays["x"], expected["x"][: table.num_rows])
+        np.testing.assert_array_equal(dropped, expected_dropped[: table.num_rows])

