@@ -26,9 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import ray
+from ray.train.v2._internal.execution.callback import ControllerCallback
 from ray.train.v2.api.callback import UserCallback
 from ray.tune import Trainable
-from ray.util.queue import Empty, Queue
+from ray.util.queue import Empty, Full, Queue
 
 from kiln import storage
 from kiln.cluster import ResourcePlan, plan_sweep
@@ -91,6 +92,9 @@ class KilnTrial(Trainable):
                 item = self._reports.get(timeout=0.5)
             except Empty:
                 continue
+            if "metrics" not in item:  # the controller announcing itself
+                self._controller = item["controller"]
+                continue
             return self._result(item)
         if "error" in self._outcome:
             raise self._outcome["error"]
@@ -110,6 +114,8 @@ class KilnTrial(Trainable):
         """Abort a TorchTrainer still running (Tune stopped the trial), freeing its workers."""
         if self._fitting is not None and self._done:
             self._fitting.join(timeout=_ABORT_TIMEOUT_S)  # its last epoch is in: let it end
+        if self._fitting is not None and self._fitting.is_alive() and not self._controller:
+            self._controller = self._await_controller()  # stopped before its first report
         if self._fitting is not None and self._fitting.is_alive() and self._controller:
             logger.info("trial %s stopped: aborting its training run", self.trial_id)
             # the controller exits as part of aborting
@@ -117,6 +123,21 @@ class KilnTrial(Trainable):
                 ray.get(self._controller.abort.remote(), timeout=_ABORT_TIMEOUT_S)
             self._fitting.join(timeout=_ABORT_TIMEOUT_S)
         self._reports.shutdown()
+
+    def _await_controller(self) -> Any:
+        """The run's controller handle from the queue (its announcement, or a report that
+        Tune will not see now); None if the run ends or none comes within the abort timeout."""
+        assert self._fitting is not None
+        waited = 0.0
+        while self._fitting.is_alive() and waited < _ABORT_TIMEOUT_S:
+            try:
+                item = self._reports.get(timeout=0.5)
+            except Empty:
+                waited += 0.5
+                continue
+            if item.get("controller") is not None:
+                return item["controller"]
+        return None
 
     def _own_run_dir(self) -> str:
         return storage.join(self._shared.sweep_dir, RUNS_DIR, self.trial_id)
@@ -195,7 +216,7 @@ def _fit(
             prepared,
             plan,
             run_dir,
-            callbacks=[ForwardReports(reports)],
+            callbacks=[AnnounceController(reports), ForwardReports(reports)],
             resume_from=resume_from,
         )
     except BaseException as exc:  # handed to the step, which raises it to Tune
@@ -312,6 +333,22 @@ def _prepare(spec: JobSpec, plan: ResourcePlan, run_dir: str) -> train_run.Prepa
             json.loads(storage.read_bytes(fs, run_file))["preprocessing"]
         )
     return train_run.prepare(spec, plan, check, run_dir=run_dir, preprocessor=saved)
+
+
+class AnnounceController(ControllerCallback):
+    """Puts the Train controller's handle on the trial's queue as soon as the run starts, so a
+    trial Tune stops before its first report (the time budget, PBT) can still abort the run;
+    otherwise that run trained on and kept its workers' CPUs. (Ray Train hands the controller
+    the run's callbacks that are not `UserCallback`s unchanged, for work built on its own
+    hooks.)"""
+
+    def __init__(self, reports: Any) -> None:
+        self._reports = reports
+
+    def after_controller_start(self, train_run_context: Any) -> None:
+        controller = ray.get_runtime_context().current_actor
+        with contextlib.suppress(Full):  # best effort: the first report carries it too
+            self._reports.put({"controller": controller}, timeout=30)
 
 
 class ForwardReports(UserCallback):
