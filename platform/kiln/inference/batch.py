@@ -677,7 +677,7 @@ def _run(
     label = "generating" if job.generate else "scoring"
     progress = Progress(label, total=expected, unit="rows", interval=progress_interval)
     counter = _start_counter(progress, expected)
-    job = replace(job, counter=counter)
+    job = replace(job, counter=counter, batch_size=batch_size)
     items = [{"item": i} for i in range(len(job.items))]
     dataset: ray.data.Dataset = ray.data.from_items(items, override_num_blocks=len(items))
     reader: Any = read_items  # a generator of tables: Ray's stubs want a function
@@ -691,7 +691,10 @@ def _run(
     actor: Any = GenerationActor if job.generate else ScoringActor
     dataset = dataset.map_batches(
         actor,
-        batch_size=batch_size,
+        # A scoring actor takes whole blocks and calls the predictor on `batch_size` rows at a
+        # time: one Ray Data batch per block saves the slicing, copying and thread hand-off
+        # Ray Data pays per batch (16M rows: ~20 -> ~17.5 s at --batch-size 4096).
+        batch_size=batch_size if job.generate else None,
         batch_format="pyarrow",
         fn_constructor_kwargs={"job": job},
         # A second task queued on each actor: the next block is on hand when one finishes,
@@ -921,10 +924,19 @@ class ScoringActor(_RowActor):
     def _predict(
         self, table: pa.Table, rows: np.ndarray
     ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[int, str]]:
-        """Predict `table` (batch rows `rows`); a DataError is narrowed down by halving, so the
-        good rows are still scored and each bad row gets the error as its reason."""
+        """Predict `table` (batch rows `rows`), `job.batch_size` rows per predictor call; a
+        DataError is narrowed down by halving, so the good rows are still scored and each bad
+        row gets the error as its reason."""
         if table.num_rows == 0:
             return rows, {}, {}
+        step = self.job.batch_size
+        if table.num_rows > step:
+            return _combine(
+                [
+                    self._predict(table.slice(start, step), rows[start : start + step])
+                    for start in range(0, table.num_rows, step)
+                ]
+            )
         try:
             return rows, self.predictor.predict_table(table), {}
         except DataError as exc:
@@ -932,14 +944,7 @@ class ScoringActor(_RowActor):
                 return rows[:0], {}, {int(rows[0]): str(exc)}
         half = table.num_rows // 2
         first = self._predict(table.slice(0, half), rows[:half])
-        second = self._predict(table.slice(half), rows[half:])
-        scored = [part for part in (first, second) if part[1]]
-        outputs = (
-            {name: np.concatenate([part[1][name] for part in scored]) for name in scored[0][1]}
-            if scored
-            else {}
-        )
-        return np.concatenate([first[0], second[0]]), outputs, {**first[2], **second[2]}
+        return _combine([first, self._predict(table.slice(half), rows[half:])])
 
     def _output(self, batch: pa.Table, outputs: dict[str, np.ndarray]) -> pa.Table:
         schema = self.job.output_schema
@@ -951,6 +956,21 @@ class ScoringActor(_RowActor):
             columns += [pa.array(column) for column in by_class]
         columns.append(pa.array([self.job.model] * batch.num_rows, type=pa.string()))
         return pa.Table.from_arrays(columns, names=schema.names).cast(schema)
+
+
+_Scored = tuple[np.ndarray, dict[str, np.ndarray], dict[int, str]]
+
+
+def _combine(parts: list[_Scored]) -> _Scored:
+    """One `_predict` result from those of consecutive slices."""
+    scored = [part for part in parts if part[1]]
+    outputs = (
+        {name: np.concatenate([part[1][name] for part in scored]) for name in scored[0][1]}
+        if scored
+        else {}
+    )
+    reasons = {row: reason for part in parts for row, reason in part[2].items()}
+    return np.concatenate([part[0] for part in parts]), outputs, reasons
 
 
 class GenerationActor(_RowActor):

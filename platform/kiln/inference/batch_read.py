@@ -151,6 +151,8 @@ class Job:
     """Batch generation options; None for scoring."""
     counter: Any = None
     """The driver's progress counter (a `RowCounter` actor) the scoring actors add to."""
+    batch_size: int = 1024
+    """Rows per Predictor call (`--batch-size`)."""
 
     @property
     def key_name(self) -> str:
