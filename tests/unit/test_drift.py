@@ -24,7 +24,15 @@ from kiln.monitor import (
 )
 from kiln.monitor.client import MonitorError, format_report, parse_window, split_ref
 from kiln.monitor.drift import proportions
-from kiln.monitor.profile import merge_sketches, skeleton, sketch_table, with_counts
+from kiln.monitor.profile import (
+    category_counts,
+    merge_sketches,
+    numeric_counts,
+    numeric_values,
+    skeleton,
+    sketch_table,
+    with_counts,
+)
 
 
 def _counts(profile: Profile, table: pa.Table) -> dict[str, np.ndarray]:
@@ -66,6 +74,43 @@ def test_missing_values_and_values_outside_the_training_range() -> None:
     assert counts[-1] == 3  # null, NaN and inf are missing, as preprocessing treats them
     assert counts[0] == 1 and counts[-2] == 1  # below 0, above 99
     assert counts.sum() == 7
+
+
+def _per_value_bins(values: np.ndarray, edges: list[float]) -> np.ndarray:
+    """The bins one value at a time (a binary search each), missing last: the reference."""
+    present = values[np.isfinite(values)]
+    if not edges:
+        return np.asarray([present.size, values.size - present.size])
+    index = np.searchsorted(np.asarray(edges), present, side="left") + 1
+    index[present < edges[0]] = 0
+    return np.append(np.bincount(index, minlength=len(edges) + 2), values.size - present.size)
+
+
+@pytest.mark.parametrize("edges", [[], [3.0], [0.0, 1.0], list(np.linspace(-2, 2, 11))])
+def test_numeric_counts_match_binning_each_value(edges: list[float]) -> None:
+    rng = np.random.default_rng(1)
+    values = np.r_[
+        rng.normal(size=5000),
+        rng.choice(edges or [0.0], 200),  # exactly on the edges
+        [np.nan, np.inf, -np.inf, 1e300, -1e300, 3.0, 0.0, 1.0],
+    ]
+    column = pa.chunked_array([values[:2000], values[2000:]])
+    counts = numeric_counts(numeric_values(column, "x"), edges)
+    expected = _per_value_bins(column.to_numpy(), edges)
+    assert counts.tolist() == expected.tolist()
+    assert counts.sum() == values.size
+
+
+def test_category_counts_read_values_as_strings_like_preprocessing() -> None:
+    categories = pa.array(["red", "1", "true"], pa.string())
+    words = pa.array(["red", "blue", None, "red", "", "true"])
+    assert category_counts(words, categories).tolist() == [2, 0, 1, 2, 1]
+    numbers = pa.array([1, 2, None, 1])  # int 1 reads as the category "1"
+    assert category_counts(numbers, categories).tolist() == [0, 2, 0, 1, 1]
+    coded = pa.array(["red", "red", None, "x"]).dictionary_encode()
+    assert category_counts(coded, categories).tolist() == [2, 0, 0, 1, 1]
+    flags = pa.chunked_array([[True, False], [None]])
+    assert category_counts(flags, categories).tolist() == [0, 0, 1, 1, 1]
 
 
 def test_categorical_top_k_and_other() -> None:

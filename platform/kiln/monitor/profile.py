@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from kiln.errors import DataError
 
@@ -285,15 +286,35 @@ def numeric_edges(sketch: dict, bins: int) -> list[float]:
     return [float(e) for e in edges]
 
 
-def numeric_bins(values: np.ndarray, edges: Sequence[float]) -> np.ndarray:
-    """Bin index of each present (non-NaN) value: 0 below the range, 1 at the minimum, then
-    `(e_{i-1}, e_i]`, last above the range. No edges (no training values): everything is 0."""
+def numeric_counts(values: np.ndarray, edges: Sequence[float]) -> np.ndarray:
+    """Counts of `values` (float64, NaN for missing) per bin, the missing count last: `x < e_0`,
+    `x == e_0`, `(e_{i-1}, e_i]` ..., `x > e_k`. No edges (no training values): one bin.
+
+    One comparison pass per edge (NaN compares false, so missing values fall in no pass): ~10x
+    faster than a binary search per value, which costs ~20 ns a value on random data.
+    """
+    present = int(values.size - np.count_nonzero(np.isnan(values)))
+    missing = int(values.size) - present
     if not len(edges):
-        return np.zeros(values.shape, dtype=np.int64)
-    array = np.asarray(edges, dtype=np.float64)
-    index = np.searchsorted(array, values, side="left") + 1
-    index[values < array[0]] = 0
-    return index
+        return np.asarray([present, missing], dtype=np.int64)
+    above = np.asarray([np.count_nonzero(values > edge) for edge in edges], dtype=np.int64)
+    from_min = int(np.count_nonzero(values >= edges[0]))
+    inner = above[:-1] - above[1:]
+    return np.concatenate([[present - from_min, from_min - above[0]], inner, [above[-1], missing]])
+
+
+def category_counts(column: pa.ChunkedArray | pa.Array, categories: pa.Array) -> np.ndarray:
+    """Counts per category of `categories` (a string array), then every other category, then
+    missing (null), with values read as strings as `category_values` reads them."""
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        column = column.cast(pa.string())
+    missing = column.null_count
+    index = pc.index_in(column, value_set=categories)
+    known = np.bincount(
+        np.asarray(index.drop_null().to_numpy(), dtype=np.int64), minlength=len(categories)
+    )
+    other = len(column) - missing - int(known.sum())
+    return np.concatenate([known, [other, missing]]).astype(np.int64)
 
 
 def _numeric_width(edges: Sequence[float]) -> int:
@@ -312,8 +333,8 @@ class Binner:
         self.offsets = [0]
         for item in self.profile.features:
             self.offsets.append(self.offsets[-1] + item.width)
-        self._lookup = {
-            f.name: {c: i for i, c in enumerate(f.categories)}
+        self._categories = {
+            f.name: pa.array(f.categories, pa.string())
             for f in self.profile.features
             if f.kind == "categorical"
         }
@@ -336,19 +357,9 @@ class Binner:
         return out
 
     def _feature_counts(self, item: FeatureProfile, column: Any) -> np.ndarray:
-        width = item.width
         if item.kind == "numeric":
-            values = numeric_values(column, item.name)
-            present = values[~np.isnan(values)]
-            index = numeric_bins(present, item.edges)
-            missing = values.size - present.size
-        else:
-            lookup, other = self._lookup[item.name], len(item.categories)
-            raw = category_values(column)
-            index = np.asarray([lookup.get(v, other) for v in raw if v is not None], np.int64)
-            missing = len(raw) - index.size
-        counts = np.bincount(index, minlength=width - 1)[: width - 1]
-        return np.append(counts, missing)
+            return numeric_counts(numeric_values(column, item.name), item.edges)
+        return category_counts(column, self._categories[item.name])
 
     def split(self, counts: np.ndarray) -> list[np.ndarray]:
         """The flat vector cut into per-feature vectors (missing bin last)."""
