@@ -20,7 +20,9 @@ registry under `--work` (scoring cost does not depend on the weights being train
    rows/s = rows / wall time including loading the Predictor.
 
 Every input file is read once before either side is timed (the page cache then holds them for
-both).
+both). `--profile` registers the model with a training profile, as `kiln train` does: kiln then
+also counts every scored row into the drift bins (`_drift.json`), which the single process does
+not do.
 
 Goal: kiln / single-process >= 0.85.
 """
@@ -58,8 +60,10 @@ def ensure_data(work: Path, rows: int, features: int, classes: int, shards: int)
     return train
 
 
-def register_model(registry: Path, train: Path, hidden: int) -> str:
-    """Fit preprocessing on the first file and register a seeded tabular_mlp; returns its ref."""
+def register_model(registry: Path, train: Path, hidden: int, profile: bool = False) -> str:
+    """Fit preprocessing on the first file and register a seeded tabular_mlp; returns its ref.
+    With `profile`, also a training profile of that file (as `kiln train` registers one), so
+    kiln score counts every scored row's inputs for drift."""
     import pyarrow.parquet as pq
     import torch
 
@@ -106,6 +110,10 @@ def register_model(registry: Path, train: Path, hidden: int) -> str:
         "preprocessing.json": pre.to_dict(),
         "metrics.json": {"metric": "none", "best": {}, "history": []},
     }
+    if profile:
+        from kiln.monitor import profile_table
+
+        documents["profile.json"] = profile_table(table, numeric=features).to_dict()
     return Registry(str(registry)).register(MODEL, module.state_dict(), documents).ref
 
 
@@ -232,6 +240,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=4096, help="rows per predict call")
     parser.add_argument("--threads", type=int, default=1, help="torch threads, both sides")
     parser.add_argument("--stats", action="store_true", help="log Ray Data's per-stage stats")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="register the model with a training profile (as kiln train does): kiln also "
+        "counts every row for drift, which the single process does not",
+    )
     args = parser.parse_args(argv)
     if args.stats:
         logging.basicConfig(level=logging.INFO)
@@ -244,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     train = ensure_data(work, args.rows, args.features, args.classes, args.shards)
     registry = work / "registry"
     shutil.rmtree(registry, ignore_errors=True)
-    ref = register_model(registry, train, args.hidden)
+    ref = register_model(registry, train, args.hidden, args.profile)
     torch.set_num_threads(args.threads)
     warm_page_cache(train)
 

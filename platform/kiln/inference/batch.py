@@ -693,7 +693,7 @@ def _run(
         actor,
         # A scoring actor takes whole blocks and calls the predictor on `batch_size` rows at a
         # time: one Ray Data batch per block saves the slicing, copying and thread hand-off
-        # Ray Data pays per batch (16M rows: ~20 -> ~17.5 s at --batch-size 4096).
+        # Ray Data pays per batch (16M rows at --batch-size 4096: 24.0 -> 20.1 s, mean of 4).
         batch_size=batch_size if job.generate else None,
         batch_format="pyarrow",
         fn_constructor_kwargs={"job": job},
