@@ -25,9 +25,9 @@ from kiln.monitor import (
 from kiln.monitor.client import MonitorError, format_report, parse_window, split_ref
 from kiln.monitor.drift import proportions
 from kiln.monitor.profile import (
+    FeatureProfile,
     category_counts,
     merge_sketches,
-    numeric_counts,
     numeric_values,
     skeleton,
     sketch_table,
@@ -86,19 +86,51 @@ def _per_value_bins(values: np.ndarray, edges: list[float]) -> np.ndarray:
     return np.append(np.bincount(index, minlength=len(edges) + 2), values.size - present.size)
 
 
-@pytest.mark.parametrize("edges", [[], [3.0], [0.0, 1.0], list(np.linspace(-2, 2, 11))])
-def test_numeric_counts_match_binning_each_value(edges: list[float]) -> None:
-    rng = np.random.default_rng(1)
-    values = np.r_[
-        rng.normal(size=5000),
-        rng.choice(edges or [0.0], 200),  # exactly on the edges
-        [np.nan, np.inf, -np.inf, 1e300, -1e300, 3.0, 0.0, 1.0],
+EDGES = [[], [3.0], [0.0, 1.0], [float(e) for e in np.linspace(-2, 2, 11)]]
+
+
+@pytest.mark.parametrize("rows", [1, 7, 3000])  # one broadcast comparison / a pass per edge
+def test_numeric_counts_match_binning_each_value(rows: int) -> None:
+    rng = np.random.default_rng(rows)
+    special = [np.nan, np.inf, -np.inf, 1e300, -1e300, 3.0, 0.0, 1.0, -2.0, 2.0]
+    columns = {}
+    for j, edges in enumerate(EDGES):
+        values = np.r_[special, rng.choice(edges or [0.0], rows), rng.normal(size=rows)]
+        columns[f"x{j}"] = rng.permutation(values)[:rows]
+    columns["x4"] = np.clip(columns["x3"], -1e30, 1e30).astype(np.float32)  # widened exactly
+    columns["x5"] = np.where(columns["x2"] > 0.5, None, columns["x2"])  # nulls: to_tensor path
+    table = pa.table(columns)
+    features = [
+        FeatureProfile(name, "numeric", 0, 0, [0] * (len(edges) + 2 if edges else 1), edges)
+        for name, edges in zip(columns, [*EDGES, EDGES[3], EDGES[2]], strict=True)
     ]
-    column = pa.chunked_array([values[:2000], values[2000:]])
-    counts = numeric_counts(numeric_values(column, "x"), edges)
-    expected = _per_value_bins(column.to_numpy(), edges)
-    assert counts.tolist() == expected.tolist()
-    assert counts.sum() == values.size
+    binner = Binner(Profile(rows=0, features=features))
+    counts = binner.split(binner.count(table))
+    for feature, got in zip(features, counts, strict=True):
+        values = numeric_values(table.column(feature.name), feature.name)
+        expected = _per_value_bins(values, feature.edges)
+        assert got.tolist() == expected.tolist(), feature.name
+        assert got.sum() == rows
+
+
+def test_number_columns_of_every_kind_bin_alike() -> None:
+    profile = profile_table(pa.table({"x": [0.0, 1.0, 2.0, 3.0]}), numeric=["x"], bins=2)
+    binner = Binner(profile.__class__(rows=4, features=[profile.features[0]]))
+    expected = binner.count(pa.table({"x": [0.0, 1.0, 3.0, None, 7.0]})).tolist()
+    kinds = [
+        pa.array([0, 1, 3, None, 7], pa.int32()),
+        pa.array([False, True, None, None, None]),
+        pa.array([0, 1, 3, None, 7], pa.decimal128(5, 1)),
+        pa.array([0.0, 1.0, 3.0, None, 7.0]).dictionary_encode(),
+    ]
+    for column in kinds:
+        got = binner.count(pa.table({"x": column})).tolist()
+        if pa.types.is_boolean(column.type):
+            assert sum(got) == 5 and got[-1] == 3, got
+        else:
+            assert got == expected, column.type
+    with pytest.raises(DataError, match="numeric column 'x' has type string"):
+        binner.count(pa.table({"x": ["a", "b"]}))
 
 
 def test_category_counts_read_values_as_strings_like_preprocessing() -> None:
@@ -340,3 +372,40 @@ def test_the_recorder_counts_watched_versions_per_time_bucket_and_keeps_no_rows(
     [(key, _), *more] = recorder._pending.items()
     assert not more and key[0].startswith("m:1:")
     assert recorder._pending[key].tolist() == (50 * Binner(profile).count(table)).tolist()
+
+
+def test_the_recorder_counts_queued_request_rows_together_off_the_event_loop() -> None:
+    import asyncio
+
+    from kiln.monitor.spec import MonitorSpec
+    from kiln.monitor.store import _COUNT_ROWS, DriftRecorder
+
+    rng = np.random.default_rng(9)
+    train = pa.table({"a": rng.normal(0, 1, 300), "c": rng.choice(["x", "y"], 300)})
+    profile = profile_table(train, numeric=["a"], categorical=["c"])
+    watched = {"model": "m", "version": "1", "ref": "m:1", "profile": profile.to_dict()}
+    recorder = DriftRecorder(
+        "app", MonitorSpec(bucket_s=3600), [{**watched, "thresholds": Thresholds().to_dict()}]
+    )
+    request = train.slice(0, 250)
+    one = Binner(profile).count(request)
+
+    async def serve_requests() -> None:
+        batches = -(-_COUNT_ROWS // request.num_rows)
+        for _ in range(batches - 1):
+            recorder.schedule("m", "1", request)
+        assert not recorder._counting and not recorder._pending  # queued, not counted yet
+        recorder.schedule("m", "1", request)  # reaches _COUNT_ROWS: one count in a thread
+        assert recorder._counting
+        await asyncio.gather(*recorder._counting)
+        [(_, counts)] = recorder._pending.items()
+        assert counts.tolist() == (batches * one).tolist()
+        recorder.schedule("m", "1", request)
+        recorder.schedule("m", "2", request)  # not watched
+        await recorder._count_queued()  # what a flush or a drift query does first
+        [(_, counts)] = recorder._pending.items()
+        assert counts.tolist() == ((batches + 1) * one).tolist()
+        assert recorder._flusher is not None
+        recorder._flusher.cancel()
+
+    asyncio.run(serve_requests())

@@ -150,7 +150,7 @@ class Profile:
 
 def numeric_values(column: pa.ChunkedArray | pa.Array, name: str) -> np.ndarray:
     """A column as float64 with NaN for every missing value (null, NaN, infinite)."""
-    kind = column.type
+    kind = column.type.value_type if pa.types.is_dictionary(column.type) else column.type
     checks = (pa.types.is_integer, pa.types.is_floating, pa.types.is_boolean, pa.types.is_decimal)
     if not any(check(kind) for check in checks) and not pa.types.is_null(kind):
         raise DataError(f"numeric column {name!r} has type {column.type}, not a number")
@@ -163,6 +163,25 @@ def category_values(column: pa.ChunkedArray | pa.Array) -> list[str | None]:
     if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
         column = column.cast(pa.string())
     return column.to_pylist()
+
+
+def _numeric_matrix(table: pa.Table, names: list[str]) -> np.ndarray:
+    """(rows, columns) float64 values of numeric columns, columns contiguous, null as NaN.
+
+    Raises:
+        DataError: a column is not numeric.
+    """
+    batch = table.select(names).combine_chunks().to_batches()
+    if len(batch) == 1:
+        try:
+            matrix = batch[0].to_tensor(null_to_nan=True, row_major=False)
+            return np.asarray(matrix).astype(np.float64, order="F", copy=False)
+        except (pa.ArrowTypeError, pa.ArrowNotImplementedError):
+            pass  # bool, decimal, dictionary, null or text columns: one at a time
+    values = np.empty((table.num_rows, len(names)), dtype=np.float64, order="F")
+    for j, name in enumerate(names):
+        values[:, j] = numeric_values(table.column(name), name)
+    return values
 
 
 # ---- pass 1: mergeable sketches --------------------------------------------------------------
@@ -287,12 +306,8 @@ def numeric_edges(sketch: dict, bins: int) -> list[float]:
 
 
 def numeric_counts(values: np.ndarray, edges: Sequence[float]) -> np.ndarray:
-    """Counts of `values` (float64, NaN for missing) per bin, the missing count last: `x < e_0`,
-    `x == e_0`, `(e_{i-1}, e_i]` ..., `x > e_k`. No edges (no training values): one bin.
-
-    One comparison pass per edge (NaN compares false, so missing values fall in no pass): ~10x
-    faster than a binary search per value, which costs ~20 ns a value on random data.
-    """
+    """One feature's bin counts (see `Binner`), the missing count last, from its float64 values
+    with NaN for missing."""
     present = int(values.size - np.count_nonzero(np.isnan(values)))
     missing = int(values.size) - present
     if not len(edges):
@@ -321,10 +336,25 @@ def _numeric_width(edges: Sequence[float]) -> int:
     return len(edges) + 2 if len(edges) else 1
 
 
+_SMALL_ROWS = 2048
+"""Below this many rows, numeric features are binned in one broadcast comparison (per-call
+numpy overhead dominates: one row of 64 features 0.1-0.15 ms, against 0.8 ms a feature at a
+time); above it, one pass per feature and edge (memory-bound: 250k rows x 64 features 38 ms,
+against 90 ms broadcast). Binning each value by binary search cost 2.2 ms and 534 ms."""
+_CELLS = 1 << 22
+"""Booleans one broadcast comparison may allocate."""
+
+
 @dataclass
 class Binner:
     """Counts raw feature values into a profile's bins: one flat int64 vector, each feature's
-    bins followed by its missing bin, features in profile order."""
+    bins followed by its missing bin, features in profile order.
+
+    Numeric bins are counted, not assigned: with `gt_i` the values above edge `e_i` (NaN
+    compares false, so missing values are in none), the bins are `present - ge_0` below,
+    `ge_0 - gt_0` at the minimum, then `gt_{i-1} - gt_i`, the last being `gt_k` above the
+    range. A comparison pass per edge costs ~0.15 ns a value; a binary search per value ~20 ns.
+    """
 
     profile: Profile
     offsets: list[int] = field(init=False)
@@ -338,6 +368,22 @@ class Binner:
             for f in self.profile.features
             if f.kind == "categorical"
         }
+        numeric = [(i, f) for i, f in enumerate(self.profile.features) if f.kind == "numeric"]
+        self._numeric = [f.name for _, f in numeric]
+        # Edges padded with +inf (nothing is above it) to one width, plus one padding column,
+        # so that gt_{k} - gt_{k+1} is the above-range count for every feature.
+        width = max((len(f.edges) for _, f in numeric), default=0) + 1
+        self._edges = np.full((len(numeric), width), np.inf)
+        gather: list[int] = []
+        dest: list[int] = []
+        for j, (i, item) in enumerate(numeric):
+            self._edges[j, : len(item.edges)] = item.edges
+            row = j * (width + 3)  # below, at minimum, `width` differences, missing
+            bins = [0, 1, *range(2, 2 + len(item.edges))] if item.edges else [0]
+            gather += [row + b for b in bins] + [row + width + 2]
+            dest += range(self.offsets[i], self.offsets[i + 1])
+        self._gather = np.asarray(gather, dtype=np.int64)
+        self._dest = np.asarray(dest, dtype=np.int64)
 
     @property
     def size(self) -> int:
@@ -349,17 +395,45 @@ class Binner:
         Raises:
             DataError: a feature column is missing or not numeric where the profile says so.
         """
-        out = np.zeros(self.size, dtype=np.int64)
-        for item, start in zip(self.profile.features, self.offsets, strict=False):
-            if item.name not in table.column_names:
+        columns = set(table.column_names)
+        for item in self.profile.features:
+            if item.name not in columns:
                 raise DataError(f"column {item.name!r} is missing (found {table.column_names})")
-            out[start : start + item.width] = self._feature_counts(item, table.column(item.name))
+        out = np.zeros(self.size, dtype=np.int64)
+        small = table.num_rows < _SMALL_ROWS
+        if small and self._numeric:
+            out[self._dest] = self._small_numeric_counts(table)
+        for item, start in zip(self.profile.features, self.offsets, strict=False):
+            if item.kind == "categorical":
+                counts = category_counts(table.column(item.name), self._categories[item.name])
+            elif not small:
+                counts = numeric_counts(
+                    numeric_values(table.column(item.name), item.name), item.edges
+                )
+            else:
+                continue
+            out[start : start + item.width] = counts
         return out
 
-    def _feature_counts(self, item: FeatureProfile, column: Any) -> np.ndarray:
-        if item.kind == "numeric":
-            return numeric_counts(numeric_values(column, item.name), item.edges)
-        return category_counts(column, self._categories[item.name])
+    def _small_numeric_counts(self, table: pa.Table) -> np.ndarray:
+        """Every numeric feature's bins at once, for a few rows (`_SMALL_ROWS`)."""
+        values = _numeric_matrix(table, self._numeric).T  # (features, rows)
+        rows = values.shape[1]
+        finite = np.isfinite(values)
+        present = np.count_nonzero(finite, axis=1)
+        if not finite.all():
+            values = np.where(finite, values, np.nan)
+        edges = self._edges
+        above = np.zeros(edges.shape, dtype=np.int64)
+        step = max(1, _CELLS // edges.size)
+        for start in range(0, rows, step):
+            part = values[:, None, start : start + step]
+            above += np.count_nonzero(part > edges[:, :, None], axis=2)
+        from_min = np.count_nonzero(values >= edges[:, :1], axis=1)
+        differences = above.copy()
+        differences[:, :-1] -= above[:, 1:]
+        full = np.column_stack([present - from_min, from_min - above[:, 0], differences])
+        return np.column_stack([full, rows - present]).ravel()[self._gather]
 
     def split(self, counts: np.ndarray) -> list[np.ndarray]:
         """The flat vector cut into per-feature vectors (missing bin last)."""

@@ -37,6 +37,9 @@ NAMESPACE = "kiln"
 _WATCH_S = 30.0
 """How often the store checks that its Serve application still exists."""
 _GAUGE_EVERY_S = 1.0
+_COUNT_ROWS = 4096
+"""Live rows a replica holds before counting them (in one worker-thread call per model version
+and time bucket); otherwise they are counted at the next flush."""
 
 
 def store_name(app: str) -> str:
@@ -250,13 +253,17 @@ class DriftRecorder:
         self._store: Any = None
         self._flusher: asyncio.Task[None] | None = None
         self._counting: set[asyncio.Future[None]] = set()
+        self._queued: dict[tuple[str, str, float], list[pa.Table]] = {}
+        self._queued_rows = 0
 
     def watches(self, model: str, version: str) -> bool:
         """Whether a version's inputs are counted."""
         return (model, version) in self.monitored
 
-    def record(self, model: str, version: str, table: pa.Table) -> None:
-        """Count one request's rows (never kept) into the current bucket; thread-safe."""
+    def record(
+        self, model: str, version: str, table: pa.Table, bucket: float | None = None
+    ) -> None:
+        """Count rows (never kept) into a time bucket (default: now's); thread-safe."""
         item = self.monitored.get((model, version))
         if item is None:
             return
@@ -265,7 +272,8 @@ class DriftRecorder:
         except Exception:  # a column the model accepted but the profile cannot bin
             logger.warning("drift: cannot count inputs of %s", item.ref, exc_info=True)
             return
-        bucket = (time.time() // self.settings.bucket_s) * self.settings.bucket_s
+        if bucket is None:
+            bucket = (time.time() // self.settings.bucket_s) * self.settings.bucket_s
         with self._lock:
             held = self._pending.get((item.key, bucket))
             if held is None:
@@ -274,15 +282,36 @@ class DriftRecorder:
                 held += counts
 
     def schedule(self, model: str, version: str, table: pa.Table) -> None:
-        """`record` in a worker thread (off the request path), and keep the flusher running."""
+        """Queue one request's rows for counting (off the request path) and keep the flusher
+        running. Rows are counted together, in a worker thread, once `_COUNT_ROWS` are queued
+        or at the next flush: one count per request cost more than the request itself (a
+        64-feature row: ~0.1 ms of binning plus a thread hand-off, GIL included)."""
         if not self.watches(model, version):
             return
-        loop = asyncio.get_running_loop()
-        counting = loop.run_in_executor(None, self.record, model, version, table)
-        self._counting.add(counting)
-        counting.add_done_callback(self._counting.discard)
+        bucket = (time.time() // self.settings.bucket_s) * self.settings.bucket_s
+        self._queued.setdefault((model, version, bucket), []).append(table)
+        self._queued_rows += table.num_rows
+        if self._queued_rows >= _COUNT_ROWS and not self._counting:
+            counting = asyncio.ensure_future(self._count_queued())
+            self._counting.add(counting)
+            counting.add_done_callback(self._counting.discard)
         if self._flusher is None or self._flusher.done():
-            self._flusher = loop.create_task(self._flush_forever())
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_forever())
+
+    async def _count_queued(self) -> None:
+        queued, self._queued, self._queued_rows = self._queued, {}, 0
+        if queued:
+            await asyncio.get_running_loop().run_in_executor(None, self._count_tables, queued)
+
+    def _count_tables(self, queued: dict[tuple[str, str, float], list[pa.Table]]) -> None:
+        for (model, version, bucket), tables in queued.items():
+            try:
+                merged = pa.concat_tables(tables, promote_options="permissive")
+            except (pa.ArrowInvalid, pa.ArrowTypeError):  # requests decoded to other types
+                for table in tables:
+                    self.record(model, version, table, bucket)
+                continue
+            self.record(model, version, merged, bucket)
 
     async def flush(self) -> None:
         """Send the pending counts to the store (kept for the next try when it fails)."""
@@ -312,6 +341,7 @@ class DriftRecorder:
         """Drift reports of `model`'s `versions` over the last `window_s` seconds (this
         replica's requests answered so far included)."""
         await asyncio.gather(*list(self._counting))
+        await self._count_queued()
         await self.flush()
         store = await self._open()
         keys = [self.monitored[(model, v)].key for v in versions]
@@ -341,4 +371,6 @@ class DriftRecorder:
     async def _flush_forever(self) -> None:
         while True:
             await asyncio.sleep(self.settings.flush_interval_s)
+            await asyncio.gather(*list(self._counting))
+            await self._count_queued()
             await self.flush()
