@@ -7,7 +7,9 @@ Everything runs on 127.0.0.1. The request is the same JSON body for both servers
 `{"instances": [{feature: value, ...}]}`, and both decode it and encode the answer with kiln's own
 `oip.decode_instances` / `oip.encode_predictions`, so the ratio is what Ray Serve (its ingress,
 the ingress deployment, `@serve.batch`) and kiln's request handling (auth, limits, validation,
-metrics, drift counts) add on top of the same work.
+metrics, drift counts) add on top of the same work. The first line says whether the model has
+a training profile (every model `kiln train` registers has one): kiln then also counts each
+request's inputs for drift, which the bare server does not.
 
 1. Latency: one client, keep-alive connection, `--requests` sequential requests after a warm-up;
    p50 and p99. Goals: kiln/bare p50 <= 1.15, p99 <= 1.3.
@@ -312,6 +314,21 @@ def measure_kiln(
             shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+def _drift_note(registry: str, ref: str) -> str:
+    """Whether kiln counts this model's inputs for drift (it does when the model has a training
+    profile, as every model `kiln train` registers has; the bare server never does)."""
+    from kiln.errors import RegistryError
+    from kiln.monitor import PROFILE_FILE
+    from kiln.registry import Registry
+
+    store = Registry(registry)
+    try:
+        store.read_document(store.resolve(ref), PROFILE_FILE)
+    except RegistryError:  # no profile: registered by hand, or before kiln kept profiles
+        return "no training profile (kiln counts no drift)"
+    return "with its training profile (kiln counts every request's inputs for drift)"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -345,8 +362,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from kiln.inference.predictor import Predictor
 
-    features = Predictor(args.registry, args.ref).features
-    body = request_body(args.data, features)
+    predictor = Predictor(args.registry, args.ref)
+    body = request_body(args.data, predictor.features)
+    print(f"model: {predictor.ref}, {_drift_note(args.registry, predictor.ref)}")
     started = time.monotonic()
     bare = measure_bare(args, body)
     kiln, unbatched, floor = measure_kiln(args, body)
