@@ -954,7 +954,7 @@ class ScoringActor(_RowActor):
         if "probabilities" in outputs:
             by_class = np.ascontiguousarray(outputs["probabilities"].T)
             columns += [pa.array(column) for column in by_class]
-        columns.append(pa.array([self.job.model] * batch.num_rows, type=pa.string()))
+        columns.append(pa.repeat(pa.scalar(self.job.model, pa.string()), batch.num_rows))
         return pa.Table.from_arrays(columns, names=schema.names).cast(schema)
 
 
@@ -1018,6 +1018,6 @@ class GenerationActor(_RowActor):
             pa.array([r.prompt_tokens for r in results], type=pa.int32()),
             pa.array([r.completion_tokens for r in results], type=pa.int32()),
             pa.array([r.finish_reason for r in results], type=pa.string()),
-            pa.array([self.job.model] * batch.num_rows, type=pa.string()),
+            pa.repeat(pa.scalar(self.job.model, pa.string()), batch.num_rows),
         ]
         return pa.Table.from_arrays(columns, names=schema.names).cast(schema)
