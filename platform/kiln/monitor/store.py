@@ -1,9 +1,10 @@
 """Live drift in serving: replicas count inputs, one store per application merges and scores.
 
 Every ingress replica (the model may run inside it or in its own deployment; the inputs pass
-through the ingress either way) counts each validated request's feature values into the model
-version's profile bins (`DriftRecorder.record`, off the request path) and sends the summed
-counts to the application's `DriftStore` every `flush_interval_s`. The store is one named,
+through the ingress either way) queues each validated request's rows and counts them into the
+model version's profile bins in batches (`DriftRecorder.schedule`: a worker thread, off the
+request path, once 4,096 rows are queued or at each flush), and sends the summed counts to the
+application's `DriftStore` every `flush_interval_s`. The store is one named,
 detached Ray actor per Serve application (`kiln-drift-<app>` in namespace `kiln`): it keeps
 time-bucketed counts per model version (`RollingCounts`, bounded by the retention), exports the
 per-feature PSI/KS gauges over the configured window, and answers drift queries for any window
