@@ -450,30 +450,37 @@ def test_a_short_forward_pass_runs_on_the_event_loop_a_long_one_in_a_thread(
     from kiln.inference.serve import ModelServer
 
     replica = ModelServer(registry, "digits-mlp:2", "digits", "cpu", 4, 0.0)
-    where: list[str] = []
+    seen: list[tuple[float, str]] = []  # (the average before the batch, the thread it ran on)
     run_batch = replica._run_batch
 
     def spy(tables: list[pa.Table]) -> list[dict[str, Any]]:
-        where.append(threading.current_thread().name)
+        seen.append((replica._forward_s, threading.current_thread().name))
         return run_batch(tables)
 
     monkeypatch.setattr(replica, "_run_batch", spy)
     rows = test_rows.select(list(replica.predictor.features)).slice(0, 3)
 
-    async def three_requests() -> list[dict[str, Any]]:
+    async def requests(n: int) -> list[dict[str, Any]]:
         # What each batch of Serve's batch queue awaits (the queue needs a Serve replica).
-        return [(await replica._forward([rows]))[0] for _ in range(3)]
+        return [(await replica._forward([rows]))[0] for _ in range(n)]
 
-    answers = asyncio.run(three_requests())
+    answers = asyncio.run(requests(4))
     expected = replica.predictor.predict_table(rows)["probabilities"]
     assert all(np.allclose(a["probabilities"], expected, atol=1e-6) for a in answers)
     loop_thread = threading.current_thread().name
-    # Unknown cost at first: a thread; then this tiny MLP is measured well under the limit.
-    assert where[0] != loop_thread and where[1:] == [loop_thread, loop_thread]
-    assert replica._forward_s < serve_module._INLINE_FORWARD_S
+    # Unknown cost at first: a thread. Then the measured average decides (on a busy machine
+    # even this tiny MLP's first passes can average over the limit, so the rule is checked).
+    assert math.isinf(seen[0][0]) and seen[0][1] != loop_thread
+    limit = serve_module._INLINE_FORWARD_S
+    for average, thread in seen[1:]:
+        assert (thread == loop_thread) == (average < limit), (average, thread)
+    assert 0 < replica._forward_s < 0.1  # a moving average of what the passes took
+    replica._forward_s = limit / 2  # as measured for a small model: on the event loop
+    asyncio.run(requests(1))
+    assert seen[-1][1] == loop_thread
     monkeypatch.setattr(serve_module, "_INLINE_FORWARD_S", 0.0)  # as if the model were large
-    asyncio.run(three_requests())
-    assert loop_thread not in where[3:]
+    asyncio.run(requests(2))
+    assert all(thread != loop_thread for _, thread in seen[-2:])
 
 
 # ---- the Serve config ----------------------------------------------------------------------------
