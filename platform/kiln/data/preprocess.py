@@ -74,7 +74,7 @@ def _float_values(table: pa.Table, name: str) -> np.ndarray:
     return _float64_values(table, name)
 
 
-def _numeric_matrix(table: pa.Table, names: list[str]) -> np.ndarray | None:
+def numeric_matrix(table: pa.Table, names: list[str]) -> np.ndarray | None:
     """(rows, columns) float values of number columns in one Arrow call, null as NaN (one row
     of 64 columns: 10 us against 56 us column by column); None when a column is of a kind that
     call refuses (bool, decimal, dictionary, null, text), which `_float_values` handles."""
@@ -710,7 +710,7 @@ class Preprocessor:
         each row misses a numeric value (null, NaN or +-inf)."""
         n, k = table.num_rows, len(self.numeric)
         block = np.empty((k, n), dtype=np.float64)  # column-major: each column writes contiguously
-        matrix = _numeric_matrix(table, self._numeric_names) if k else None
+        matrix = numeric_matrix(table, self._numeric_names) if k else None
         if matrix is not None:
             block[:] = matrix.T
         else:

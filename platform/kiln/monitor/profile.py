@@ -31,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from kiln.data.preprocess import numeric_matrix
 from kiln.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -171,13 +172,9 @@ def _numeric_matrix(table: pa.Table, names: list[str]) -> np.ndarray:
     Raises:
         DataError: a column is not numeric.
     """
-    batch = table.select(names).combine_chunks().to_batches()
-    if len(batch) == 1:
-        try:
-            matrix = batch[0].to_tensor(null_to_nan=True, row_major=False)
-            return np.asarray(matrix).astype(np.float64, order="F", copy=False)
-        except (pa.ArrowTypeError, pa.ArrowNotImplementedError):
-            pass  # bool, decimal, dictionary, null or text columns: one at a time
+    matrix = numeric_matrix(table, names)  # one Arrow call where the column kinds allow it
+    if matrix is not None:
+        return matrix.astype(np.float64, order="F", copy=False)
     values = np.empty((table.num_rows, len(names)), dtype=np.float64, order="F")
     for j, name in enumerate(names):
         values[:, j] = numeric_values(table.column(name), name)
