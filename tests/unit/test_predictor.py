@@ -101,8 +101,9 @@ def _reference(module: torch.nn.Module, pre: Preprocessor, table: pa.Table) -> t
         return module(*args).float()
 
 
-@pytest.mark.parametrize("encoding", ["onehot", "index"])
-def test_classification_matches_the_bare_module(tmp_path: Path, encoding: str) -> None:
+@pytest.mark.parametrize(("encoding", "rows"), [("onehot", 50), ("index", 50), ("onehot", 300)])
+def test_classification_matches_the_bare_module(tmp_path: Path, encoding: str, rows: int) -> None:
+    """Also past the row count from which the probabilities take the transposed softmax."""
     table = _table()
     register_tiny_model(
         tmp_path, table, categorical=["color"], preprocess={"categorical": encoding}
@@ -111,14 +112,30 @@ def test_classification_matches_the_bare_module(tmp_path: Path, encoding: str) -
     assert (predictor.ref, predictor.task) == ("tiny:1", "classification")
     assert predictor.features == ["a", "b", "color"] and predictor.classes == ["cat", "dog", "eel"]
 
-    scored = _table(n=50, seed=1).drop_columns(["label"])
+    scored = _table(n=rows, seed=1).drop_columns(["label"])
     out = predictor.predict_table(scored)
     logits = _reference(predictor.module, predictor.preprocessor, scored)
     classes = np.array(["cat", "dog", "eel"])
     assert out["prediction"].tolist() == classes[logits.argmax(dim=1).numpy()].tolist()
     np.testing.assert_allclose(out["probabilities"], torch.softmax(logits, 1).numpy(), atol=1e-6)
     np.testing.assert_allclose(out["probabilities"].sum(axis=1), 1.0, atol=1e-5)
-    assert out["probabilities"].dtype == np.float32 and out["probabilities"].shape == (50, 3)
+    assert out["probabilities"].dtype == np.float32 and out["probabilities"].shape == (rows, 3)
+
+
+@pytest.mark.parametrize(
+    ("rows", "classes"), [(1, 2), (1, 40), (63, 4), (64, 4), (4096, 4), (300, 15), (300, 16)]
+)
+def test_probabilities_are_the_softmax_of_the_logits_on_either_path(
+    rows: int, classes: int
+) -> None:
+    """Few classes and many rows take the transposed kernel: same values, rows in order."""
+    from kiln.inference.predictor import _softmax
+
+    logits = torch.randn(rows, classes, generator=torch.Generator().manual_seed(rows)) * 4
+    probabilities = _softmax(logits)
+    assert probabilities.shape == (rows, classes) and probabilities.dtype == np.float32
+    np.testing.assert_allclose(probabilities, torch.softmax(logits, 1).numpy(), rtol=1e-6)
+    np.testing.assert_array_equal(probabilities.argmax(axis=1), logits.argmax(dim=1).numpy())
 
 
 def test_loaded_model_is_the_registered_one(tmp_path: Path) -> None:
