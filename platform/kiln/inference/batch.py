@@ -49,19 +49,24 @@ import pyarrow.parquet as pq
 
 from kiln import metrics as kiln_metrics
 from kiln import storage
+from kiln.data.preprocess import Preprocessor
 from kiln.data.source import FileSet, resolve_files
 from kiln.errors import DataError, KilnError, RegistryError
 from kiln.inference.batch_read import (
     DEFAULT_KEY,
+    DRIFT_PARTS,
     ERROR,
     FAILURES,
     FILE,
     READS,
     ROW,
+    X_CAT,
     GenerateOptions,
     Item,
     Job,
     RowCounter,
+    X,
+    encoded,
     is_number_like,
     is_scalar,
     is_text,
@@ -82,7 +87,6 @@ ON_ERROR = ("fail", "quarantine")
 
 DRIFT = "_drift.json"
 """Drift of the scored input against the model's training profile, beside the output."""
-_DRIFT_PARTS = "_drift_parts"  # per batch: bin counts of its scored rows (removed before commit)
 _ITEM_ROWS = 1 << 18  # parquet row groups are grouped into read items of about this many rows
 _PROGRESS_S = 0.5  # least seconds between an actor's progress counts
 _OUTPUT_COLUMNS = ("prediction", "model")
@@ -278,6 +282,10 @@ class _ModelPlan:
     """Text-like input columns (for generation: the prompt column)."""
     outputs: tuple[pa.Field, ...]
     generate: GenerateOptions | None
+    preprocessor: Preprocessor | None = None
+    """The fitted preprocessing the read tasks apply (scoring)."""
+    profile: Profile | None = None
+    """The training profile the read tasks count drift against (None: no drift counts)."""
 
 
 def _model_plan(registry: str, model: str, generate: GenerateOptions | None) -> _ModelPlan:
@@ -301,6 +309,8 @@ def _model_plan(registry: str, model: str, generate: GenerateOptions | None) -> 
             categorical=tuple(schema["categorical"]),
             outputs=_prediction_fields(predictor),
             generate=None,
+            preprocessor=predictor.preprocessor,
+            profile=_load_profile(registry, model),
         )
     if not language_model:
         raise KilnError(
@@ -361,6 +371,8 @@ def _plan(
         device="cuda" if num_gpus > 0 else "cpu",
         on_error=on_error,
         generate=plan.generate,
+        preprocessor=plan.preprocessor,
+        profile=plan.profile,
     )
     return job, expected
 
@@ -593,10 +605,10 @@ def _load_profile(registry: str, model: str) -> Profile | None:
 
 
 def _write_drift(job: Job) -> dict[str, Any] | None:
-    """Merge the batches' bin counts into `_drift.json` in the staging directory (committed
+    """Merge the read items' bin counts into `_drift.json` in the staging directory (committed
     with the output); returns its summary. None for generation or a model without profile."""
-    profile = None if job.generate else _load_profile(job.registry, job.model)
-    directory = storage.join(job.staging, _DRIFT_PARTS)
+    profile = job.profile
+    directory = storage.join(job.staging, DRIFT_PARTS)
     if profile is None:
         _delete_dir(job.out_fs, directory)
         return None
@@ -814,19 +826,12 @@ class _RowActor:
                 self._unsent, self._sent_at = 0, time.monotonic()
 
     def _row_problems(self, batch: pa.Table) -> dict[int, str]:
-        """Rows that cannot be used (unreadable, or an empty key), with the reason."""
-        reasons: dict[int, str] = {}
+        """Rows the read task found unusable (unreadable, an empty key, a value the model
+        cannot take), with the reason."""
         errors = batch.column(ERROR)
-        if errors.null_count < len(errors):
-            reasons = {i: r for i, r in enumerate(errors.to_pylist()) if r is not None}
-        if self.job.key:
-            key = batch.column(self.job.key)
-            empty = pc.is_null(key, nan_is_null=True)
-            if pa.types.is_string(key.type) or pa.types.is_large_string(key.type):
-                empty = pc.or_(empty, pc.equal(pc.fill_null(key, ""), ""))
-            for i in np.flatnonzero(np.asarray(empty.to_numpy(), dtype=bool)).tolist():
-                reasons.setdefault(i, f"key column {self.job.key!r} is empty")
-        return reasons
+        if errors.null_count == len(errors):
+            return {}
+        return {i: r for i, r in enumerate(errors.to_pylist()) if r is not None}
 
     def _keys(self, batch: pa.Table) -> pa.Array:
         if self.job.key:
@@ -867,84 +872,39 @@ class _RowActor:
 
 
 class ScoringActor(_RowActor):
-    """A Ray Data actor holding one `Predictor`: scores batches, sets bad rows aside."""
+    """A Ray Data actor holding one `Predictor`: scores the read tasks' encoded blocks
+    `--batch-size` rows per call, sets bad rows aside."""
 
     def __init__(self, job: Job) -> None:
         super().__init__(job)
         self.predictor = Predictor(job.registry, job.model, device=job.device)
-        self.drop_missing = self.predictor.preprocessor.missing == "drop"
-        profile = _load_profile(job.registry, job.model)
-        self.binner = Binner(profile) if profile is not None else None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         reasons = self._row_problems(batch)
-        candidates = np.arange(batch.num_rows)
-        if reasons:
-            candidates = np.setdiff1d(candidates, list(reasons))
-        table = batch.take(candidates) if reasons else batch
-        scored, outputs, more = self._predict(table, candidates)
-        reasons.update(more)
         if reasons:
             self._set_aside(batch, reasons)
-        self._count(batch.num_rows - len(reasons), len(reasons))
-        self._count_drift(batch, batch.take(scored) if reasons else batch)
-        return self._output(batch.take(scored) if reasons else batch, outputs)
+            batch = batch.take(np.setdiff1d(np.arange(batch.num_rows), list(reasons)))
+        outputs = self._predict(batch)
+        self._count(batch.num_rows, len(reasons))
+        return self._output(batch, outputs)
 
-    def _count_drift(self, batch: pa.Table, scored: pa.Table) -> None:
-        """Bin counts of the scored rows' inputs, in a file named after the batch's first row
-        (a retried batch overwrites rather than adds)."""
-        if self.binner is None or batch.num_rows == 0:
-            return
-        counts = self.binner.count(scored).tolist()
-        first = f"{batch.column(FILE)[0].as_py():08d}-{batch.column(ROW)[0].as_py():012d}"
-        path = storage.join(self.job.staging, _DRIFT_PARTS, f"{first}.json")
-        self.job.out_fs.create_dir(posixpath.dirname(path), recursive=True)
-        storage.write_bytes(self.job.out_fs, path, json.dumps(counts).encode())
-
-    def _row_problems(self, batch: pa.Table) -> dict[int, str]:
-        """Rows that cannot be scored, found without calling the model, with the reason."""
-        reasons = super()._row_problems(batch)
-        if self.drop_missing:
-            dropped = self.predictor.preprocessor.drop_mask(batch, with_label=False)
-            for i in np.flatnonzero(dropped).tolist():
-                reasons.setdefault(i, self._missing_reason(batch, i))
-        return reasons
-
-    def _missing_reason(self, batch: pa.Table, row: int) -> str:
-        missing = []
-        for name in [*self.job.numeric, *self.job.categorical]:
-            value = batch.column(name)[row].as_py()
-            if value is None or (isinstance(value, float) and not np.isfinite(value)):
-                missing.append(repr(name))
-        return (
-            f"missing value in {', '.join(missing[:5]) or 'a feature'} (the model was trained "
-            "with data.preprocess.missing: drop)"
-        )
-
-    def _predict(
-        self, table: pa.Table, rows: np.ndarray
-    ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[int, str]]:
-        """Predict `table` (batch rows `rows`), `job.batch_size` rows per predictor call; a
-        DataError is narrowed down by halving, so the good rows are still scored and each bad
-        row gets the error as its reason."""
-        if table.num_rows == 0:
-            return rows, {}, {}
+    def _predict(self, batch: pa.Table) -> dict[str, np.ndarray]:
+        """The predictor's outputs for every row, `job.batch_size` rows per call."""
+        inputs = {"x": encoded(batch, X)}
+        if X_CAT in batch.column_names:
+            inputs["x_cat"] = encoded(batch, X_CAT)
         step = self.job.batch_size
-        if table.num_rows > step:
-            return _combine(
-                [
-                    self._predict(table.slice(start, step), rows[start : start + step])
-                    for start in range(0, table.num_rows, step)
-                ]
+        parts = [
+            self.predictor.predict_arrays(
+                {name: a[start : start + step] for name, a in inputs.items()}
             )
-        try:
-            return rows, self.predictor.predict_table(table), {}
-        except DataError as exc:
-            if table.num_rows == 1:
-                return rows[:0], {}, {int(rows[0]): str(exc)}
-        half = table.num_rows // 2
-        first = self._predict(table.slice(0, half), rows[:half])
-        return _combine([first, self._predict(table.slice(half), rows[half:])])
+            for start in range(0, batch.num_rows, step)
+        ]
+        return (
+            {name: _concatenate([part[name] for part in parts]) for name in parts[0]}
+            if parts
+            else {}
+        )
 
     def _output(self, batch: pa.Table, outputs: dict[str, np.ndarray]) -> pa.Table:
         schema = self.job.output_schema
@@ -958,19 +918,12 @@ class ScoringActor(_RowActor):
         return pa.Table.from_arrays(columns, names=schema.names).cast(schema)
 
 
-_Scored = tuple[np.ndarray, dict[str, np.ndarray], dict[int, str]]
-
-
-def _combine(parts: list[_Scored]) -> _Scored:
-    """One `_predict` result from those of consecutive slices."""
-    scored = [part for part in parts if part[1]]
-    outputs = (
-        {name: np.concatenate([part[1][name] for part in scored]) for name in scored[0][1]}
-        if scored
-        else {}
-    )
-    reasons = {row: reason for part in parts for row, reason in part[2].items()}
-    return np.concatenate([part[0] for part in parts]), outputs, reasons
+def _concatenate(parts: list[np.ndarray]) -> np.ndarray:
+    """Consecutive slices' outputs as one; (rows, classes) probabilities come out column-major,
+    so each class's column is contiguous for the output table."""
+    if parts[0].ndim == 2:
+        return np.concatenate([part.T for part in parts], axis=1).T
+    return np.concatenate(parts)
 
 
 class GenerationActor(_RowActor):

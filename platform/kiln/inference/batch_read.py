@@ -6,12 +6,18 @@ task and actor receives) lives here for the same reason: unpickling it imports o
 
 Every block a reader yields has one schema: the numeric features in their planned float type,
 categorical columns as text, the key in its planned type, plus `__file`, `__row` (the row's
-position in its file) and `__error` (why the row cannot be scored, or null).
+position in its file) and `__error` (why the row cannot be scored, or null). When scoring, the
+read task also applies the model's saved preprocessing: the block then carries the encoded
+inputs (`__x`, and `__x_cat` for index-encoded categories) in place of the feature columns,
+and the task counts the scorable rows' inputs into the model's drift bins. That work runs beside
+the scoring actor instead of in it: the actor, one process per model copy, is what a job waits
+on (16M rows: 24.0 -> 21.5 s, mean of three interleaved pairs).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import posixpath
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,6 +33,7 @@ import pyarrow.parquet as pq
 
 from kiln import storage
 from kiln.errors import DataError, KilnError
+from kiln.monitor.profile import Binner
 
 if TYPE_CHECKING:
     from kiln.inference.lm import GenerationRequest
@@ -36,6 +43,9 @@ DEFAULT_KEY = "key"
 READS = "_reads"  # per read item: rows read (removed before the commit)
 FAILURES = "_failures"  # the bad row that failed the job (fail mode; the staging dir is deleted)
 FILE, ROW, ERROR = "__file", "__row", "__error"
+X, X_CAT = "__x", "__x_cat"
+"""Encoded model inputs of each row (fixed-size lists: float32 features, int64 category codes)."""
+DRIFT_PARTS = "_drift_parts"  # per read item: bin counts of its scorable rows (removed at commit)
 _READ_ROWS = 1 << 16  # rows per table a reader yields
 _TEXT_BLOCK = 4 << 20  # bytes of csv/jsonl parsed at a time
 _MAX_LINE = 64 << 20
@@ -153,6 +163,11 @@ class Job:
     """The driver's progress counter (a `RowCounter` actor) the scoring actors add to."""
     batch_size: int = 1024
     """Rows per Predictor call (`--batch-size`)."""
+    preprocessor: Any = None
+    """The model's fitted `Preprocessor` (scoring): the read tasks encode each block with it."""
+    profile: Any = None
+    """The model's training `Profile` (scoring a model that has one): the read tasks count each
+    scorable row's inputs into its drift bins."""
 
     @property
     def key_name(self) -> str:
@@ -197,18 +212,28 @@ def record_failure(job: Job, name: str, message: str) -> None:
 
 
 def read_items(batch: pa.Table, job: Job) -> Iterator[pa.Table]:
-    """Read the planned items named in `batch`, then record how many rows each gave."""
+    """Read the planned items named in `batch` (encoded for the model when scoring), then record
+    how many rows each gave and, for a model with a training profile, its drift bin counts."""
     readers = {"parquet": _parquet_tables, "csv": _csv_tables, "jsonl": _jsonl_tables}
+    binner = Binner(job.profile) if job.profile is not None else None
     for index in batch.column("item").to_pylist():
         item = job.items[index]
         rows = item.first_row
+        counts = np.zeros(binner.size, dtype=np.int64) if binner is not None else None
         try:
             for table, errors in readers[job.fmt](job, item):
-                yield _normalize(job, table, errors, item.file, rows)
+                block = _normalize(job, table, errors, item.file, rows)
+                if job.preprocessor is not None:
+                    block = _encode(job, block, binner, counts)
+                yield block
                 rows += table.num_rows
         except DataError as exc:
             record_failure(job, f"{item.file:08d}-read-{index:08d}", str(exc))
             raise
+        if counts is not None:  # named after the item: a retried task overwrites, not adds
+            path = storage.join(job.staging, DRIFT_PARTS, f"{index:08d}.json")
+            job.out_fs.create_dir(posixpath.dirname(path), recursive=True)
+            storage.write_bytes(job.out_fs, path, json.dumps(counts.tolist()).encode())
         document = {"item": index, "rows": rows - item.first_row}
         path = storage.join(job.staging, READS, f"{index:08d}.json")
         job.out_fs.create_dir(posixpath.dirname(path), recursive=True)
@@ -335,9 +360,73 @@ def _normalize(
         columns[name] = _column(table, name, n).cast(pa.string())
     if job.key and job.key not in columns:
         columns[job.key] = _column(table, job.key, n).cast(job.key_type)
+    if job.key:
+        for row in _empty_rows(columns[job.key]):
+            reasons.setdefault(row, f"key column {job.key!r} is empty")
     error = [reasons.get(row) for row in range(n)] if reasons else None
     columns[ERROR] = pa.array(error, type=pa.string()) if error else pa.nulls(n, pa.string())
     return pa.table(columns)
+
+
+def _empty_rows(key: pa.Array) -> list[int]:
+    """Rows whose key is null, NaN or empty text."""
+    empty = pc.is_null(key, nan_is_null=True)
+    if pa.types.is_string(key.type) or pa.types.is_large_string(key.type):
+        empty = pc.or_(empty, pc.equal(pc.fill_null(key, ""), ""))
+    return np.flatnonzero(np.asarray(empty.to_numpy(zero_copy_only=False), dtype=bool)).tolist()
+
+
+def _encode(
+    job: Job, block: pa.Table, binner: Binner | None, counts: np.ndarray | None
+) -> pa.Table:
+    """`block` with the model's encoded inputs in place of its features (kept with
+    on_error="quarantine", where a set-aside row is written with its inputs), rows the model
+    cannot take (a missing value, trained with `missing: drop`) marked in `__error`, and the
+    scorable rows' inputs added to the drift `counts`."""
+    arrays, dropped = job.preprocessor.encode_rows(block)
+    errors = block.column(ERROR)
+    if dropped.any():
+        reasons = errors.to_pylist()
+        for row in np.flatnonzero(dropped).tolist():
+            if reasons[row] is None:
+                reasons[row] = missing_reason(job, block, row)
+        errors = pa.chunked_array([pa.array(reasons, type=pa.string())])
+    if binner is not None and counts is not None:
+        scorable = errors.is_null()
+        counts += binner.count(block if pc.all(scorable).as_py() else block.filter(scorable))
+    keep = [FILE, ROW] + (job.columns if job.on_error == "quarantine" else [])
+    keep += [job.key] if job.key and job.key not in keep else []
+    columns = {name: block.column(name) for name in keep}
+    columns[ERROR] = errors
+    columns[X] = _fixed_size(arrays["x"])
+    if "x_cat" in arrays:
+        columns[X_CAT] = _fixed_size(arrays["x_cat"])
+    return pa.table(columns)
+
+
+def _fixed_size(matrix: np.ndarray) -> pa.FixedSizeListArray:
+    """A (rows, width) matrix as one fixed-size list per row, without a copy."""
+    return pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), matrix.shape[1])
+
+
+def encoded(table: pa.Table, name: str) -> np.ndarray:
+    """The (rows, width) matrix of an encoded-input column (`__x`, `__x_cat`)."""
+    column = table.column(name).combine_chunks()
+    values = column.flatten().to_numpy(zero_copy_only=False)
+    return values.reshape(len(column), column.type.list_size)
+
+
+def missing_reason(job: Job, block: pa.Table, row: int) -> str:
+    """Why a row cannot be scored by a model trained with `missing: drop`."""
+    missing = []
+    for name in [*job.numeric, *job.categorical]:
+        value = block.column(name)[row].as_py()
+        if value is None or (isinstance(value, float) and not math.isfinite(value)):
+            missing.append(repr(name))
+    return (
+        f"missing value in {', '.join(missing[:5]) or 'a feature'} (the model was trained "
+        "with data.preprocess.missing: drop)"
+    )
 
 
 def _column(table: pa.Table, name: str, n: int) -> pa.Array:

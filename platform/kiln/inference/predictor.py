@@ -6,6 +6,7 @@ is applied the same way everywhere and there is no train/serve skew.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -78,10 +79,16 @@ class Predictor:
                 f"rows {rows}: missing feature values, and the model was trained with "
                 "data.preprocess.missing: drop"
             )
+        return self.predict_arrays(arrays)
+
+    def predict_arrays(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """`predict_table` of rows this model's preprocessor has already encoded
+        (`Preprocessor.encode_rows`: `x`, and `x_cat` with index encoding), as `kiln score`'s
+        read tasks do."""
         with torch.inference_mode():
-            x = torch.from_numpy(arrays["x"]).to(self.device)
+            x = _tensor(arrays["x"]).to(self.device)
             if "x_cat" in arrays:
-                output = self.module(x, torch.from_numpy(arrays["x_cat"]).to(self.device))
+                output = self.module(x, _tensor(arrays["x_cat"]).to(self.device))
             else:
                 output = self.module(x)
             output = output.float().cpu()
@@ -90,6 +97,16 @@ class Predictor:
             prediction = self.preprocessor.inverse_label(probabilities.argmax(axis=1))
             return {"prediction": prediction, "probabilities": probabilities}
         return {"prediction": self.preprocessor.inverse_label(output.numpy())}
+
+
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    """The array as a tensor without a copy. Arrays viewing Arrow memory are read-only, which
+    torch warns about; the forward pass only reads its inputs."""
+    if array.flags.writeable:
+        return torch.from_numpy(array)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+        return torch.from_numpy(array)
 
 
 def _softmax(logits: torch.Tensor) -> np.ndarray:
