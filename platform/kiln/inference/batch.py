@@ -3,11 +3,13 @@
 The driver resolves the model reference once, plans the reads (file list, parquet footers, column
 checks) and then runs::
 
-    from_items(read plan) -> read each file chunk (every row tagged with its file and position)
+    from_items(read plan) -> read each file chunk (every row tagged with its file and position;
+        scoring: the model's preprocessing applied, the inputs counted for drift)
         -> actor pool of Predictors (map_batches) -> Parquet in a staging directory
 
 The read tasks run `kiln.inference.batch_read`, which does not import torch: only the scoring
-actors pay for it.
+actors pay for it. The actors, a model copy each, are what a job waits on, so they only run the
+model on encoded inputs; everything else about a row happens in the read tasks beside them.
 
 Rows that cannot be scored fail the job, naming the file and row, or are set aside in
 `_errors/`. With `task="generate"` a language model completes each row's prompt instead (an
