@@ -59,6 +59,16 @@ def ray_session() -> Iterator[None]:
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def session_tracking_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Where module- and session-scoped fixtures that train track their runs: they are set up
+    before any test's own `tracking_store`, and must not write the checkout's .kiln either."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow-session')}/mlflow.db"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        yield uri
+
+
 @pytest.fixture(autouse=True)
 def tracking_store(
     tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
