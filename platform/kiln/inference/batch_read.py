@@ -11,7 +11,8 @@ read task also applies the model's saved preprocessing: the block then carries t
 inputs (`__x`, and `__x_cat` for index-encoded categories) in place of the feature columns,
 and the task counts the scorable rows' inputs into the model's drift bins. That work runs beside
 the scoring actor instead of in it: the actor, one process per model copy, is what a job waits
-on (16M rows: 24.0 -> 21.5 s, mean of three interleaved pairs).
+on (16M rows, alternating runs: a first job, no profile, 25.4 -> 21.2 s; a later one, with a
+profile, 21.2 -> 19.5 s; benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -36,7 +37,9 @@ from kiln.errors import DataError, KilnError
 from kiln.monitor.profile import Binner
 
 if TYPE_CHECKING:
+    from kiln.data.preprocess import Preprocessor
     from kiln.inference.lm import GenerationRequest
+    from kiln.monitor.profile import Profile
 
 DEFAULT_KEY = "key"
 """Name of the output key column when `key` is None: the input row position `file:row`."""
@@ -163,9 +166,9 @@ class Job:
     """The driver's progress counter (a `RowCounter` actor) the scoring actors add to."""
     batch_size: int = 1024
     """Rows per Predictor call (`--batch-size`)."""
-    preprocessor: Any = None
-    """The model's fitted `Preprocessor` (scoring): the read tasks encode each block with it."""
-    profile: Any = None
+    preprocessor: Preprocessor | None = None
+    """The model's fitted preprocessing (scoring): the read tasks encode each block with it."""
+    profile: Profile | None = None
     """The model's training `Profile` (scoring a model that has one): the read tasks count each
     scorable row's inputs into its drift bins."""
 
@@ -224,7 +227,7 @@ def read_items(batch: pa.Table, job: Job) -> Iterator[pa.Table]:
             for table, errors in readers[job.fmt](job, item):
                 block = _normalize(job, table, errors, item.file, rows)
                 if job.preprocessor is not None:
-                    block = _encode(job, block, binner, counts)
+                    block = _encode(job, job.preprocessor, block, binner, counts)
                 yield block
                 rows += table.num_rows
         except DataError as exc:
@@ -377,19 +380,23 @@ def _empty_rows(key: pa.Array) -> list[int]:
 
 
 def _encode(
-    job: Job, block: pa.Table, binner: Binner | None, counts: np.ndarray | None
+    job: Job,
+    preprocessor: Preprocessor,
+    block: pa.Table,
+    binner: Binner | None,
+    counts: np.ndarray | None,
 ) -> pa.Table:
     """`block` with the model's encoded inputs in place of its features (kept with
     on_error="quarantine", where a set-aside row is written with its inputs), rows the model
     cannot take (a missing value, trained with `missing: drop`) marked in `__error`, and the
     scorable rows' inputs added to the drift `counts`."""
-    arrays, dropped = job.preprocessor.encode_rows(block)
+    arrays, dropped = preprocessor.encode_rows(block)
     errors = block.column(ERROR)
     if dropped.any():
         reasons = errors.to_pylist()
         for row in np.flatnonzero(dropped).tolist():
             if reasons[row] is None:
-                reasons[row] = missing_reason(job, block, row)
+                reasons[row] = _missing_reason(job, block, row)
         errors = pa.chunked_array([pa.array(reasons, type=pa.string())])
     if binner is not None and counts is not None:
         scorable = errors.is_null()
@@ -416,7 +423,7 @@ def encoded(table: pa.Table, name: str) -> np.ndarray:
     return values.reshape(len(column), column.type.list_size)
 
 
-def missing_reason(job: Job, block: pa.Table, row: int) -> str:
+def _missing_reason(job: Job, block: pa.Table, row: int) -> str:
     """Why a row cannot be scored by a model trained with `missing: drop`."""
     missing = []
     for name in [*job.numeric, *job.categorical]:
