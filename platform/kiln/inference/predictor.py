@@ -1,7 +1,9 @@
 """The Predictor: a registered model plus its saved preprocessing, ready to score tables.
 
-Serving and batch scoring both call `predict_table`, so the preprocessing fitted at training time
-is applied the same way everywhere and there is no train/serve skew.
+Serving calls `predict_table`; batch scoring applies the same saved preprocessing
+(`Preprocessor.encode_rows`) in its read tasks and calls `predict_arrays` on the result, which is
+what `predict_table` does in one step. The preprocessing fitted at training time is applied the
+same way everywhere, so there is no train/serve skew.
 """
 
 from __future__ import annotations
